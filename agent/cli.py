@@ -1,0 +1,242 @@
+"""The `agent` command.
+
+    agent [--config PATH] [--plugins a,b] [--relay-out HOST:PORT] [--relay-in ADDR:PORT] [--once]
+    agent plugins list
+    agent config regen
+    agent exec -- CMD ARGS...
+
+Exit codes: 0 after a clean stop (SIGINT/SIGTERM drain, `--once`), 2 for config and usage errors
+(one line on stderr, no traceback), 1 when a plugin cannot start; `exec` exits with the command's code.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import trio
+import typer
+
+from agent import __version__
+from agent import config as config_mod
+from agent.config import AgentConfig, ConfigError, Overrides
+from agent.manager import PluginEntry, PluginLoadError, build_plugin_manager, collect_plugins
+from agent.pipeline import StartupError, describe_exception
+from agent.runtime import Agent, PluginStartError
+
+log = logging.getLogger("agent")
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=False,
+    invoke_without_command=True,
+    help="Measurement agent and metrics relay: sources -> transforms -> outputs, on trio.",
+    context_settings={"help_option_names": ["-h", "--help"]},
+    pretty_exceptions_enable=False,
+)
+plugins_app = typer.Typer(help="Inspect installed plugins.", no_args_is_help=True)
+config_app = typer.Typer(help="Manage the config file.", no_args_is_help=True)
+app.add_typer(plugins_app, name="plugins")
+app.add_typer(config_app, name="config")
+
+
+class Options:
+    """The global options, shared by the sub-commands through the typer context."""
+
+    def __init__(
+        self,
+        config: Path,
+        plugins: list[str] | None,
+        relay_out: str | None,
+        relay_in: str | None,
+        log_level: str | None,
+    ) -> None:
+        self.config_path = config
+        self.overrides = Overrides(only_plugins=plugins, relay_out=relay_out, relay_in=relay_in)
+        self.log_level = log_level
+
+
+def fail(message: str, code: int = 2) -> typer.Exit:
+    typer.echo(message, err=True)
+    return typer.Exit(code)
+
+
+def setup_logging(level: str) -> None:
+    numeric = logging.getLevelName(level.upper())
+    if not isinstance(numeric, int):
+        raise fail(f"config error: --log-level: unknown level {level!r} (debug, info, warning, error)")
+    logging.basicConfig(
+        level=numeric,
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+        stream=sys.stderr,
+        force=True,
+    )
+
+
+def discover() -> tuple[object, dict[str, PluginEntry]]:
+    try:
+        pm = build_plugin_manager()
+        return pm, collect_plugins(pm)
+    except PluginLoadError as exc:
+        raise fail(f"plugin error: {exc}", 1) from None
+
+
+def load_config(options: Options, plugins: dict[str, PluginEntry], *, create: bool = True) -> AgentConfig:
+    """Reads the config, generating it first if the file does not exist."""
+    path = options.config_path
+    try:
+        if not path.exists():
+            if not create:
+                return config_mod.resolve({}, plugins, path=path, overrides=options.overrides, generated=True)
+            text = config_mod.generate(plugins)
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text(text, encoding="utf-8")
+                typer.echo(f"{path}: no config file, wrote one from the plugins' defaults and using it", err=True)
+            except OSError as exc:
+                typer.echo(f"{path}: no config file and cannot write one ({exc.strerror}); using defaults", err=True)
+            import tomllib
+
+            return config_mod.resolve(
+                tomllib.loads(text), plugins, path=path, overrides=options.overrides, generated=True
+            )
+        return config_mod.load(path, plugins, options.overrides)
+    except ConfigError as exc:
+        raise fail(f"config error: {exc}") from None
+
+
+@app.callback()
+def main_callback(
+    ctx: typer.Context,
+    config: Annotated[
+        Path, typer.Option("--config", "-c", envvar=config_mod.CONFIG_ENV_VAR, help="The TOML config file.")
+    ] = Path(config_mod.DEFAULT_CONFIG_FILE),
+    plugins: Annotated[
+        str | None, typer.Option("--plugins", help="Enable only these plugins (comma-separated names).")
+    ] = None,
+    relay_out: Annotated[
+        str | None, typer.Option("--relay-out", help="Send measurements to this relay server (HOST:PORT).")
+    ] = None,
+    relay_in: Annotated[
+        str | None, typer.Option("--relay-in", help="Receive measurements from relay clients on ADDR:PORT.")
+    ] = None,
+    log_level: Annotated[str | None, typer.Option("--log-level", help="debug, info, warning or error.")] = None,
+    once: Annotated[bool, typer.Option("--once", help="Poll every source once, flush every output, exit.")] = False,
+    version: Annotated[bool, typer.Option("--version", help="Print the version and exit.")] = False,
+) -> None:
+    if version:
+        typer.echo(f"agent {__version__}")
+        raise typer.Exit(0)
+    only = [p.strip() for p in plugins.split(",") if p.strip()] if plugins is not None else None
+    ctx.obj = Options(config, only, relay_out, relay_in, log_level)
+    if ctx.invoked_subcommand is None:
+        raise typer.Exit(run_agent(ctx.obj, once=once))
+
+
+def run_agent(options: Options, *, once: bool = False, command: list[str] | None = None) -> int:
+    setup_logging(options.log_level or "info")
+    pm, plugins = discover()
+    cfg = load_config(options, plugins)
+    if options.log_level is None:
+        setup_logging(cfg.agent.log_level)
+    agent = Agent(cfg, plugins, pm)
+    try:
+        agent.start_plugins()
+    except PluginStartError as exc:
+        raise fail(str(exc), 1) from None
+    log.info("started plugins: %s", ", ".join(agent.started) or "none")
+    try:
+        if command is not None:
+            return trio.run(_run_exec, agent, command)
+        trio.run(_run, agent, once)
+    except StartupError as exc:
+        raise fail(str(exc), 1) from None
+    except BaseExceptionGroup as group:
+        startup = group.subgroup(StartupError)
+        if startup is not None:
+            raise fail(describe_exception(startup), 1) from None
+        raise
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+async def _run(agent: Agent, once: bool) -> None:
+    await agent.run(once=once)
+
+
+async def _run_exec(agent: Agent, command: list[str]) -> int:
+    """Measures while `command` runs: every polled source polls when it starts and once more after it
+    exits; returns the command's exit code (128+N if a signal N killed it)."""
+    async with trio.open_nursery() as nursery:
+        await nursery.start(agent.run)
+        try:
+            process = await trio.run_process(command, check=False, stdin=None)
+            code = process.returncode
+        except OSError as exc:
+            typer.echo(f"exec: cannot run {command[0]!r}: {exc.strerror or exc}", err=True)
+            code = 127 if isinstance(exc, FileNotFoundError) else 126
+        agent.stop(final_poll=True)
+    return 128 - code if code < 0 else code
+
+
+@app.command("exec", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def exec_command(
+    ctx: typer.Context,
+    command: Annotated[list[str], typer.Argument(help="The command to run, after --.")],
+) -> None:
+    """Run a command and measure while it runs; exit with its exit code."""
+    raise typer.Exit(run_agent(ctx.obj, command=list(command) + list(ctx.args)))
+
+
+@plugins_app.command("list")
+def plugins_list(ctx: typer.Context) -> None:
+    """List installed plugins: name, version, elements, enabled, origin."""
+    options: Options = ctx.obj
+    _, plugins = discover()
+    cfg = load_config(options, plugins, create=False)
+    rows = [("NAME", "VERSION", "ELEMENTS", "ENABLED", "ORIGIN")]
+    for name, entry in plugins.items():
+        rows.append(
+            (
+                name,
+                entry.cls.version,
+                ",".join(entry.cls.provides) or "-",
+                "yes" if name in cfg.plugins else "no",
+                entry.origin,
+            )
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        typer.echo("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
+
+
+@config_app.command("regen")
+def config_regen(ctx: typer.Context) -> None:
+    """Rewrite the config file from every installed plugin's defaults."""
+    options: Options = ctx.obj
+    _, plugins = discover()
+    text = config_mod.generate(plugins)
+    path = options.config_path
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text, encoding="utf-8")
+    except OSError as exc:
+        raise fail(f"config error: {path}: cannot write: {exc.strerror or exc}") from None
+    typer.echo(f"wrote {path}", err=True)
+
+
+def main() -> None:
+    # Keep the process's exit code meaningful when stdout is a closed pipe (`agent plugins list | head`).
+    try:
+        app(prog_name="agent")
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

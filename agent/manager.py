@@ -1,0 +1,91 @@
+"""Builds the plugin manager: the built-in plugins from one explicit list, then third-party plugins from
+the `agent.plugins` entry-point group. Built in a function and passed around, never at import time, so
+that tests can build one with exactly the plugins they want.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+import logging
+from dataclasses import dataclass
+from types import ModuleType
+
+import pluggy
+
+from agent import hookspecs
+from agent.hookspecs import PROJECT_NAME
+from agent.plugin import Plugin
+
+log = logging.getLogger(__name__)
+
+ENTRY_POINT_GROUP = "agent.plugins"
+
+#: The built-in plugins, by module. Each module implements `agent_plugins`.
+BUILTIN_PLUGIN_MODULES: tuple[str, ...] = (
+    "agent_plugins.system.plugin",
+    "agent_plugins.csv.plugin",
+    "agent_plugins.sqlite.plugin",
+    "agent_plugins.console.plugin",
+    "agent_plugins.synthetic.plugin",
+    "agent_plugins.discard.plugin",
+)
+
+
+class PluginLoadError(Exception):
+    """A plugin could not be loaded or declared something invalid."""
+
+
+@dataclass(frozen=True)
+class PluginEntry:
+    """A plugin class and where it came from ("built-in" or "DIST VERSION")."""
+
+    cls: type[Plugin]
+    origin: str
+
+
+def build_plugin_manager(
+    builtins: tuple[str, ...] | list[ModuleType | object] = BUILTIN_PLUGIN_MODULES,
+    load_entry_points: bool = True,
+) -> pluggy.PluginManager:
+    """Registers the hook specs, the built-ins and (unless disabled) the entry-point plugins, then
+    checks that every hook implementation matches a spec (a misspelled hook is an error)."""
+    pm = pluggy.PluginManager(PROJECT_NAME)
+    pm.add_hookspecs(hookspecs)
+    for item in builtins:
+        module = importlib.import_module(item) if isinstance(item, str) else item
+        name = item if isinstance(item, str) else getattr(item, "__name__", repr(item))
+        if pm.get_plugin(name) is None:
+            pm.register(module, name=name)
+    if load_entry_points:
+        try:
+            pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP)
+        except Exception as exc:  # a broken third-party package must say which one it is
+            raise PluginLoadError(f"loading plugins from entry points {ENTRY_POINT_GROUP!r} failed: {exc}") from exc
+    try:
+        pm.check_pending()
+    except pluggy.PluginValidationError as exc:
+        raise PluginLoadError(f"plugin {exc.plugin_name!r}: {exc}") from exc
+    return pm
+
+
+def collect_plugins(pm: pluggy.PluginManager) -> dict[str, PluginEntry]:
+    """Calls `agent_plugins` on every registered module; returns plugin classes by name, in order."""
+    dists = {id(plugin): dist for plugin, dist in pm.list_plugin_distinfo()}
+    found: dict[str, PluginEntry] = {}
+    for impl in pm.hook.agent_plugins.get_hookimpls()[::-1]:  # pluggy calls LIFO; list in registration order
+        dist = dists.get(id(impl.plugin))
+        origin = f"{dist.project_name} {dist.version}" if dist is not None else "built-in"
+        try:
+            classes = impl.function()
+        except Exception as exc:
+            raise PluginLoadError(f"plugin module {impl.plugin_name!r} failed to list its plugins: {exc}") from exc
+        for cls in classes or ():
+            if not (isinstance(cls, type) and issubclass(cls, Plugin)) or not getattr(cls, "name", ""):
+                raise PluginLoadError(f"plugin module {impl.plugin_name!r} returned {cls!r}, not a named Plugin class")
+            if cls.name in found:
+                raise PluginLoadError(
+                    f"two plugins are named {cls.name!r}: from {found[cls.name].origin} and from {origin}"
+                )
+            found[cls.name] = PluginEntry(cls, origin)
+    return found

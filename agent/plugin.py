@@ -1,0 +1,313 @@
+"""The plugin API: what a plugin is, the elements it adds to the pipeline, and its start context.
+
+A plugin is a `Plugin` subclass: a name, a version, a config Struct with defaults (`Config`), and a
+`start` step in which it registers metrics and adds elements through the `StartContext`:
+
+- `PolledSource`: the core calls `poll` every `poll_interval`, and hands the points to the pipeline
+  every `flush_interval` (several polls in one batch);
+- `AutonomousSource`: a trio task (a listener, a subscriber) that pushes batches when it has them;
+- `Transform`: rewrites or drops batches, in config order;
+- `Output`: writes batches. Most outputs implement `write` (the core queues, batches, retries and
+  acknowledges for them); outputs that pipeline their own work (network clients) implement `run` over
+  the `OutputInbox` and acknowledge each envelope themselves.
+
+Plugins are found through pluggy (see `agent.hookspecs` and `agent.manager`). Hooks only describe and
+build: the running work is the `run`/`poll`/`write` coroutines, which the core starts in its nursery.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
+
+import msgspec
+import trio
+
+from agent.model import Batch, MetricDef, MetricRegistry, ValueType
+from agent.units import Duration
+
+if TYPE_CHECKING:
+    from agent.pipeline import Envelope, OutputInbox
+
+
+class PluginConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """Base of every plugin's config Struct: the `[plugins.NAME]` table.
+
+    Subclasses add their own keys with defaults. Unknown keys are errors, so a typo never goes unnoticed.
+    """
+
+    enable: bool = False
+
+
+OverflowPolicy = Literal["block", "drop_oldest"]
+
+
+class OutputConfig(PluginConfig, kw_only=True):
+    """Base for output plugins: the keys that control the output's own queue."""
+
+    # How many points may wait for this output before the overflow policy applies.
+    queue_max_points: int = msgspec.field(default=1_000_000)
+    # What happens when the queue is full: "block" holds back the sources (and so every output),
+    # "drop_oldest" drops the oldest queued points and counts them (the default: a slow or dead
+    # output must not stall the others).
+    overflow: OverflowPolicy = "drop_oldest"
+
+
+class PolledSource:
+    """A source that the core polls. Set `poll_interval` and `flush_interval` (seconds) on the instance,
+    usually from the plugin's config; `flush_interval` is rounded to a whole number of polls."""
+
+    poll_interval: float = 1.0
+    flush_interval: float = 1.0
+
+    async def poll(self, points: BatchBuilder, timestamp_ns: int) -> None:
+        """Measures once, adding points to `points`. `timestamp_ns` is the time of this poll."""
+        raise NotImplementedError(f"{type(self).__name__} must implement poll()")
+
+    async def close(self) -> None:
+        """Releases what the source holds (files, connections). Called once at shutdown."""
+
+
+AckCallback = Callable[[bool], None]
+
+
+class SourceSink:
+    """What an autonomous source pushes into. `send` waits while the pipeline is full (backpressure).
+
+    `on_done`, if given, is called once with True when every output that took the batch has written it
+    (handed to the OS, committed, acknowledged by a peer), or with False if any of them could not
+    (dropped by an overflow policy, given up at shutdown). `send_and_wait` returns that result.
+    """
+
+    def __init__(self, send: Callable[[Batch, AckCallback | None], Awaitable[None]]):
+        self._send = send
+
+    async def send(self, batch: Batch, on_done: AckCallback | None = None) -> None:
+        await self._send(batch, on_done)
+
+    async def send_and_wait(self, batch: Batch) -> bool:
+        done = trio.Event()
+        result = [False]
+
+        def record(ok: bool) -> None:
+            result[0] = ok
+            done.set()
+
+        await self._send(batch, record)
+        await done.wait()
+        return result[0]
+
+
+class AutonomousSource:
+    """A source that runs on its own: a listener, a subscriber, a load generator."""
+
+    async def run(self, sink: SourceSink, task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED) -> None:
+        """Runs until cancelled, pushing batches into `sink`. Call `task_status.started(value)` once
+        ready (listening), so that the core, the CLI and tests know it is up; `value` is typically the
+        bound address."""
+        raise NotImplementedError(f"{type(self).__name__} must implement run()")
+
+
+class Transform:
+    """Rewrites a batch. Return the batch (changed in place or new), or None to drop all of it."""
+
+    def apply(self, batch: Batch) -> Batch | None:
+        raise NotImplementedError(f"{type(self).__name__} must implement apply()")
+
+
+class Output:
+    """Writes batches. Implement `write` (simple outputs) or `run` (outputs that manage their own flow).
+
+    With `write`, the core takes envelopes from the output's queue, waits up to `flush_interval` to
+    gather up to `batch_max_points`, calls `write` with the batches, acknowledges them when it returns,
+    and retries with backoff (keeping the batches, in order) when it raises.
+    """
+
+    #: How long to gather points before a write (0: write as soon as points are there).
+    flush_interval: float = 0.0
+    #: Upper bound of points per write call.
+    batch_max_points: int = 100_000
+
+    async def open(self) -> None:
+        """Called once before the first write (open files, connect)."""
+
+    async def write(self, batches: list[Batch]) -> None:
+        """Writes the batches, returning once they are safe (handed to the OS, committed...)."""
+        raise NotImplementedError(f"{type(self).__name__} must implement write() or run()")
+
+    async def close(self) -> None:
+        """Called once after the last write, at shutdown."""
+
+    async def run(self, inbox: OutputInbox, task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED) -> None:
+        """The default loop over `write`. Override for full control: take envelopes with
+        `inbox.receive_batch`, call `env.done(ok)` on each once written; return when the inbox is
+        exhausted (shutdown)."""
+        from agent.pipeline import run_write_loop
+
+        await run_write_loop(self, inbox, task_status)
+
+
+class BatchBuilder:
+    """Collects points for one batch, grouping them into series. Sources use `add` per point or
+    `add_series` for columns they already have."""
+
+    __slots__ = ("_series", "_index")
+
+    def __init__(self) -> None:
+        from agent.model import Series
+
+        self._series: list[Series] = []
+        self._index: dict[tuple[Any, ...], Series] = {}
+
+    def add(
+        self,
+        metric: str,
+        value: int | float,
+        timestamp_ns: int,
+        resource: Any,
+        consumer: Any,
+        attributes: dict[str, Any] | None = None,
+    ) -> None:
+        from agent.model import Series
+
+        attrs = attributes or {}
+        key = (metric, resource, consumer, tuple(sorted(attrs.items())) if attrs else ())
+        series = self._index.get(key)
+        if series is None:
+            series = Series(metric, resource, consumer, dict(attrs), [], [])
+            self._index[key] = series
+            self._series.append(series)
+        series.timestamps.append(timestamp_ns)
+        series.values.append(value)
+
+    def add_series(self, series: Any) -> None:
+        self._series.append(series)
+
+    def __len__(self) -> int:
+        return sum(len(s.timestamps) for s in self._series)
+
+    def take(self) -> Batch:
+        """Returns the batch built so far and starts a new one."""
+        batch = Batch(self._series)
+        self._series = []
+        self._index = {}
+        return batch
+
+
+@dataclass
+class Element:
+    """An element added by a plugin, with the names used in logs, counters and `plugins list`."""
+
+    plugin: str
+    name: str
+    kind: Literal["source", "transform", "output"]
+    obj: Any
+    config: Any = None
+
+    @property
+    def full_name(self) -> str:
+        return self.name if self.name == self.plugin else f"{self.plugin}/{self.name}"
+
+
+@dataclass
+class StartContext:
+    """Given to `Plugin.start`: register metrics and add elements here."""
+
+    plugin_name: str
+    registry: MetricRegistry
+    data_dir: Path
+    agent_config: Any
+    elements: list[Element] = field(default_factory=list)
+
+    @property
+    def logger(self) -> logging.Logger:
+        return logging.getLogger(f"agent.plugin.{self.plugin_name}")
+
+    def create_metric(
+        self, name: str, unit: str = "1", value_type: ValueType = "float", description: str = ""
+    ) -> int:
+        """Registers a metric (or finds the identical one) and returns its id."""
+        return self.registry.register(MetricDef(name, unit, value_type, description))
+
+    def plugin_data_dir(self) -> Path:
+        """A directory for this plugin's durable state, under `[agent] data_dir`; created on demand."""
+        path = self.data_dir / self.plugin_name
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def add_source(self, source: PolledSource | AutonomousSource, name: str | None = None) -> None:
+        if not isinstance(source, PolledSource | AutonomousSource):
+            raise TypeError(f"{source!r} is neither a PolledSource nor an AutonomousSource")
+        self.elements.append(Element(self.plugin_name, name or self.plugin_name, "source", source))
+
+    def add_transform(self, transform: Transform, name: str | None = None) -> None:
+        self.elements.append(Element(self.plugin_name, name or self.plugin_name, "transform", transform))
+
+    def add_output(self, output: Output, config: OutputConfig | None = None, name: str | None = None) -> None:
+        """Adds an output; `config` gives its queue size and overflow policy (defaults if None)."""
+        self.elements.append(
+            Element(self.plugin_name, name or self.plugin_name, "output", output, config or OutputConfig())
+        )
+
+
+class Plugin:
+    """Base class of every plugin. Subclasses set the class attributes and implement `start`."""
+
+    #: The name used in `[plugins.NAME]`, `--plugins` and logs. Lower case, words joined by "-".
+    name: ClassVar[str]
+    version: ClassVar[str] = "0.1.0"
+    #: One line for `agent plugins list`.
+    description: ClassVar[str] = ""
+    #: The config Struct; its defaults are what a generated config contains.
+    Config: ClassVar[type[PluginConfig]] = PluginConfig
+    #: Enabled in a generated config? Only for plugins that make sense on their own (no server to set up).
+    enabled_by_default: ClassVar[bool] = False
+    #: The kinds of elements it adds, for `agent plugins list`.
+    provides: ClassVar[tuple[str, ...]] = ()
+
+    def start(self, ctx: StartContext, config: Any) -> None:
+        """Registers metrics and adds elements. Raise an exception with a clear message if the plugin
+        cannot start (missing device, bad permissions): the agent reports it with the plugin's name."""
+        raise NotImplementedError(f"plugin {self.name} must implement start()")
+
+    def stop(self) -> None:
+        """Called once after the pipeline stopped."""
+
+    @classmethod
+    def sample_config(cls) -> str | None:
+        """The commented sample table (`sample.toml` beside the plugin's module), if there is one."""
+        import importlib.resources
+        import sys
+
+        module = sys.modules.get(cls.__module__)
+        package = module.__package__ if module else None
+        if not package:
+            return None
+        try:
+            return importlib.resources.files(package).joinpath("sample.toml").read_text(encoding="utf-8")
+        except (FileNotFoundError, ModuleNotFoundError, NotADirectoryError):
+            return None
+
+
+__all__ = [
+    "AckCallback",
+    "AutonomousSource",
+    "BatchBuilder",
+    "Duration",
+    "Element",
+    "Output",
+    "OutputConfig",
+    "OverflowPolicy",
+    "Plugin",
+    "PluginConfig",
+    "PolledSource",
+    "SourceSink",
+    "StartContext",
+    "Transform",
+]
+
+if TYPE_CHECKING:  # keep the names importable for type checkers
+    _ = (Envelope,)

@@ -1,0 +1,139 @@
+"""Starts the enabled plugins and runs their pipeline until a signal, `--once`, or an `exec` command ends.
+
+This is where the config, the plugins and the pipeline meet: `Agent.start_plugins` calls each plugin's
+`start` (a failure is reported with the plugin's name), then `Agent.run` runs the pipeline on trio,
+handling SIGINT and SIGTERM as "drain and exit 0" (a second signal exits at once).
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+from typing import Any
+
+import pluggy
+import trio
+
+from agent.config import AgentConfig
+from agent.manager import PluginEntry
+from agent.model import MetricDef, MetricRegistry
+from agent.pipeline import SELF_METRICS, Pipeline, StartupError, describe_exception
+from agent.plugin import Element, Plugin, StartContext
+
+log = logging.getLogger(__name__)
+
+
+class PluginStartError(Exception):
+    """A plugin's `start` failed; the message names the plugin and says why."""
+
+
+class Agent:
+    """One agent: its config, its started plugins and its pipeline."""
+
+    def __init__(
+        self,
+        config: AgentConfig,
+        plugins: dict[str, PluginEntry],
+        pm: pluggy.PluginManager | None = None,
+    ) -> None:
+        self.config = config
+        self.available = plugins
+        self.pm = pm
+        self.registry = MetricRegistry()
+        self.started: dict[str, Plugin] = {}
+        self.elements: list[Element] = []
+        self.pipeline: Pipeline | None = None
+
+    def start_plugins(self) -> Pipeline:
+        """Calls `start` on every enabled plugin, in the order they are installed, and builds the pipeline."""
+        data_dir = self.config.data_dir
+        for name, plugin_config in self.config.plugins.items():
+            plugin = self.available[name].cls()
+            ctx = StartContext(name, self.registry, data_dir, self.config)
+            try:
+                plugin.start(ctx, plugin_config)
+            except Exception as exc:
+                log.debug("plugin %s start failure", name, exc_info=True)
+                self.stop_plugins()
+                raise PluginStartError(f"plugin {name} failed to start: {describe_exception(exc)}") from exc
+            self.started[name] = plugin
+            self.elements += ctx.elements
+        # Transforms run in config order: the order of the [plugins.*] tables, which is the order of
+        # self.config.plugins for the tables the file has.
+        if self.config.agent.self_metrics_interval > 0:
+            for metric, unit, description in SELF_METRICS:
+                self.registry.register(MetricDef(metric, unit, "int", description))
+        self.pipeline = Pipeline(
+            self.elements,
+            source_channel_size=self.config.agent.source_channel_size,
+            self_metrics_interval=float(self.config.agent.self_metrics_interval),
+        )
+        return self.pipeline
+
+    def stop_plugins(self) -> None:
+        for name, plugin in reversed(list(self.started.items())):
+            try:
+                plugin.stop()
+            except Exception as exc:
+                log.error("plugin %s failed to stop cleanly: %s", name, describe_exception(exc))
+        self.started.clear()
+
+    async def run(
+        self,
+        *,
+        once: bool = False,
+        handle_signals: bool = True,
+        task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Runs the pipeline until stopped (signal, `stop()`, or after one poll with `once`)."""
+        pipeline = self.pipeline or self.start_plugins()
+        try:
+            async with trio.open_nursery() as nursery:
+                if handle_signals:
+                    nursery.start_soon(self._watch_signals, pipeline, nursery.cancel_scope)
+                finished = trio.Event()
+
+                async def run_pipeline(task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED) -> None:
+                    await pipeline.run(
+                        once=once, grace_period=float(self.config.agent.grace_period), task_status=task_status
+                    )
+                    finished.set()
+
+                await nursery.start(run_pipeline)
+                self._hook("agent_pipeline_started", plugin_names=list(self.started), elements=list(self.elements))
+                task_status.started()
+                await finished.wait()
+                self._hook("agent_pipeline_stopped", counters=pipeline.counters())
+                nursery.cancel_scope.cancel()
+        finally:
+            self.stop_plugins()
+
+    def stop(self, final_poll: bool = False) -> None:
+        if self.pipeline is not None:
+            self.pipeline.stop(final_poll=final_poll)
+
+    async def _watch_signals(self, pipeline: Pipeline, scope: trio.CancelScope) -> None:
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async for signum in signals:
+                if not pipeline.stopping:
+                    log.info(
+                        "%s received: stopping sources and writing what is buffered (grace period %s)",
+                        signal.Signals(signum).name,
+                        self.config.agent.grace_period,
+                    )
+                    pipeline.stop()
+                else:
+                    log.warning("second %s: exiting without waiting", signal.Signals(signum).name)
+                    scope.cancel()
+                    return
+
+    def _hook(self, name: str, **kwargs: Any) -> None:
+        if self.pm is None:
+            return
+        try:
+            getattr(self.pm.hook, name)(**kwargs)
+        except Exception as exc:
+            log.error("hook %s failed: %s", name, describe_exception(exc))
+
+
+__all__ = ["Agent", "PluginStartError", "StartupError"]
