@@ -125,7 +125,31 @@ def convert_section(table: Any, struct_type: type, where: str) -> Any:
         else:
             text = text.replace("`", "")
             text = text[:1].lower() + text[1:]
+            choices = _literal_choices(struct_type, path)
+            if choices:
+                text = f"{text}; expected one of: {', '.join(choices)}"
         raise ConfigError(f"{where}{path}", text) from None
+
+
+def _literal_choices(struct_type: type, path: str) -> list[str]:
+    """The allowed values of the Literal field at `path` (".a.b"), for a friendlier error."""
+    import typing
+
+    current: Any = struct_type
+    for part in [p for p in re.split(r"\.|\[\d+\]", path) if p]:
+        try:
+            hints = typing.get_type_hints(current)
+        except Exception:
+            return []
+        current = hints.get(part)
+        if current is None:
+            return []
+        args = [a for a in typing.get_args(current) if isinstance(a, type) and issubclass(a, msgspec.Struct)]
+        if typing.get_origin(current) is not typing.Literal and args:
+            current = args[0]
+    if typing.get_origin(current) is typing.Literal:
+        return [str(v) for v in typing.get_args(current)]
+    return []
 
 
 def load_toml(path: Path) -> dict[str, Any]:
