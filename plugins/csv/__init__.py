@@ -1,0 +1,1 @@
+"""The `csv` output plugin: points as rows of a `;`-separated file."""
