@@ -1,0 +1,1 @@
+"""The `system` source plugin: machine and process metrics read with psutil."""
