@@ -1,0 +1,1 @@
+"""The `sqlite` output plugin: points and metric definitions in a SQLite file."""
