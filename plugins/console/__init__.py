@@ -1,0 +1,1 @@
+"""The `console` output plugin: human-readable lines on stdout."""
