@@ -1,0 +1,1 @@
+"""Graphite protocol code shared by the Graphite plugins: plaintext and pickle codecs, tags, hashing, routing, aggregation."""
