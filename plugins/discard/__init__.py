@@ -1,0 +1,1 @@
+"""The `discard` output plugin: counts points and drops them, for benchmarks."""

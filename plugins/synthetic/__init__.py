@@ -1,0 +1,1 @@
+"""The `synthetic` source plugin: a load generator for benchmarks and demos."""
