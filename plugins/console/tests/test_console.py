@@ -73,8 +73,8 @@ def test_prints_to_stdout_of_the_agent(tmp_path: Path) -> None:
     config = tmp_path / "agent.toml"
     config.write_text(
         '[agent]\nself_metrics_interval = "0s"\n'
-        "[plugins.system]\nper_cpu = false\nexclude_interfaces = ['*']\nexclude_disks = ['*']\n"
-        "[plugins.console]\n"
+        "[plugins.system]\nenable = true\nper_cpu = false\nexclude_interfaces = ['*']\nexclude_disks = ['*']\n"
+        "[plugins.console]\nenable = true\n"
     )
     proc = subprocess.run(
         [sys.executable, "-m", "agent.cli", "--config", str(config), "--once"],
