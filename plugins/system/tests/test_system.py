@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import time
 from collections import namedtuple
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,12 +11,12 @@ from pathlib import Path
 import psutil
 import pytest
 import trio
-from agent_plugins.system.plugin import METRICS, SystemConfig, SystemPlugin, SystemSource, cpu_busy_percent
 
 from agent.config import ConfigError, convert_section
 from agent.model import Batch, MetricRegistry
 from agent.plugin import StartContext
 from agent.testing import CollectingOutput, poll_once, running_pipeline, source_element
+from agent_plugins.system.plugin import METRICS, SystemConfig, SystemPlugin, SystemSource, cpu_busy_percent
 
 
 def make_source(**table: object) -> SystemSource:
@@ -51,7 +50,7 @@ def test_start_registers_every_metric_with_its_unit(tmp_path: Path) -> None:
 
 async def test_poll_gives_machine_metrics_with_resources_and_units() -> None:
     source = make_source()
-    time.sleep(0.06)  # enough for a CPU percentage since the priming sample
+    await trio.sleep(0.06)  # enough for a CPU percentage since the priming sample
     batch = await poll_once(source, 123)
     metrics = by_metric(batch)
     registry_units = {m.name: m.unit for m in METRICS}
