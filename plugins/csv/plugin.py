@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import BinaryIO
 
 import trio
-from agent_plugins.csv.format import TimestampFormatter, format_batches, header
 
 from agent import Batch, Duration, Output, OutputConfig, Plugin, StartContext, hookimpl
+from agent_plugins.csv.format import TimestampFormatter, format_batches, header
 
 log = logging.getLogger(__name__)
 

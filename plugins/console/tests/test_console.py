@@ -8,12 +8,12 @@ import sys
 from pathlib import Path
 
 import pytest
-from agent_plugins.console.plugin import ConsoleConfig, ConsoleOutput, ConsolePlugin
 
 from agent.config import ConfigError, convert_section
 from agent.model import Batch, Consumer, MetricDef, MetricRegistry, Resource, Series
 from agent.plugin import StartContext
 from agent.testing import make_batch, make_series, run_output
+from agent_plugins.console.plugin import ConsoleConfig, ConsoleOutput, ConsolePlugin
 
 T0 = 1_795_313_679_123_456_789
 

@@ -12,8 +12,6 @@ from pathlib import Path
 
 import pytest
 import trio
-from agent_plugins.csv.format import TimestampFormatter, format_attributes, format_batches
-from agent_plugins.csv.plugin import CsvConfig, CsvOutput, CsvPlugin
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -22,6 +20,8 @@ from agent.model import Batch, Consumer, MetricRegistry, Resource, Series
 from agent.pipeline import Pipeline
 from agent.plugin import StartContext
 from agent.testing import make_batch, make_series, output_element, run_output
+from agent_plugins.csv.format import TimestampFormatter, format_attributes, format_batches
+from agent_plugins.csv.plugin import CsvConfig, CsvOutput, CsvPlugin
 
 HEADER = "metric;timestamp;value;resource_kind;resource_id;consumer_kind;consumer_id;attributes\n"
 # 2026-11-22T02:14:39.123456789Z

@@ -5,14 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import trio
-from agent_plugins.discard.plugin import DiscardConfig, DiscardOutput, DiscardPlugin
-from agent_plugins.synthetic.plugin import SyntheticConfig, SyntheticSource
 
 from agent.config import convert_section
 from agent.model import MetricRegistry
 from agent.pipeline import Pipeline
 from agent.plugin import StartContext
 from agent.testing import make_batch, make_series, output_element, run_output
+from agent_plugins.discard.plugin import DiscardConfig, DiscardOutput, DiscardPlugin
+from agent_plugins.synthetic.plugin import SyntheticConfig, SyntheticSource
 
 
 async def test_counts_points_series_and_batches() -> None:

@@ -10,13 +10,13 @@ from pathlib import Path
 
 import pytest
 import trio
-from agent_plugins.sqlite.plugin import SqliteConfig, SqliteOutput, SqlitePlugin
 
 from agent.config import convert_section
 from agent.model import Batch, Consumer, MetricDef, MetricRegistry, Resource, Series
 from agent.pipeline import Pipeline
 from agent.plugin import StartContext
 from agent.testing import make_batch, make_series, output_element, run_output
+from agent_plugins.sqlite.plugin import SqliteConfig, SqliteOutput, SqlitePlugin
 
 T0 = 1_795_313_679_123_456_789
 

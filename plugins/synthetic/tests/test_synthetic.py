@@ -6,12 +6,12 @@ from pathlib import Path
 
 import pytest
 import trio
-from agent_plugins.synthetic.plugin import SyntheticConfig, SyntheticPlugin, SyntheticSource, spread
 
 from agent.config import ConfigError, convert_section
 from agent.model import MetricRegistry
 from agent.plugin import StartContext
 from agent.testing import CollectingOutput, running_pipeline, source_element
+from agent_plugins.synthetic.plugin import SyntheticConfig, SyntheticPlugin, SyntheticSource, spread
 
 
 def make_source(**table: object) -> SyntheticSource:
