@@ -6,8 +6,8 @@ types and bad durations all raise `ConfigError`, whose message is the one line t
 
 Rules (the contract that scripts rely on):
 - a missing file is generated from every installed plugin's defaults, written, then used;
-- when a file exists, a plugin without a table is disabled, and a table for a plugin that is not
-  installed is an error;
+- when a file exists, a plugin without a table is disabled, a table enables its plugin unless it
+  says `enable = false`, and a table for a plugin that is not installed is an error;
 - `${VAR}` (and `${VAR:-default}`) in strings is replaced from the environment.
 """
 
@@ -25,7 +25,7 @@ from typing import Any
 import msgspec
 
 from agent.manager import PluginEntry
-from agent.units import Duration, decode_config_value, encode_config_value, format_duration
+from agent.units import Duration, decode_config_value, encode_config_value
 
 log = logging.getLogger(__name__)
 
@@ -221,7 +221,8 @@ def resolve(
         elif forced:
             on = True
         elif name in tables:
-            on = bool(config.enable)
+            # A table turns its plugin on unless it says `enable = false`.
+            on = bool(config.enable) if "enable" in tables[name] else True
         else:
             # Without a table a plugin is off, except in the embedded defaults (no config file at all).
             on = generated and entry.cls.enabled_by_default
@@ -243,7 +244,7 @@ def load(
 
 # -- generating a config from the installed plugins --
 
-_ENABLE_LINE = re.compile(r"^(\s*)enable\s*=\s*(true|false)\s*(#.*)?$", re.MULTILINE)
+_ENABLE_LINE = re.compile(r"^([ \t]*)enable[ \t]*=[ \t]*(true|false)[ \t]*(#.*)?$", re.MULTILINE)
 
 
 def generate(available: Mapping[str, PluginEntry]) -> str:
@@ -322,6 +323,3 @@ def _toml_value(value: Any) -> str:
         return "{" + ", ".join(f"{_toml_key(k)} = {_toml_value(v)}" for k, v in value.items()) + "}"
     raise TypeError(f"cannot write {value!r} as TOML")
 
-
-def describe_duration(seconds: float) -> str:
-    return format_duration(seconds)

@@ -73,7 +73,7 @@ def collect_plugins(pm: pluggy.PluginManager) -> dict[str, PluginEntry]:
     """Calls `agent_plugins` on every registered module; returns plugin classes by name, in order."""
     dists = {id(plugin): dist for plugin, dist in pm.list_plugin_distinfo()}
     found: dict[str, PluginEntry] = {}
-    for impl in pm.hook.agent_plugins.get_hookimpls()[::-1]:  # pluggy calls LIFO; list in registration order
+    for impl in pm.hook.agent_plugins.get_hookimpls():  # in registration order: built-ins first
         dist = dists.get(id(impl.plugin))
         origin = f"{dist.project_name} {dist.version}" if dist is not None else "built-in"
         try:

@@ -277,6 +277,11 @@ async def run_write_loop(output: Output, inbox: OutputInbox, task_status: Any = 
                 await output.close()
 
 
+def _well_formed(series: Series) -> bool:
+    n = len(series.timestamps)
+    return len(series.values) == n and (isinstance(series.metric, str) or len(series.metric) == n)
+
+
 class StartupError(Exception):
     """An element could not start; the message names it and says why."""
 
@@ -311,6 +316,7 @@ class Pipeline:
     inboxes: dict[str, OutputInbox] = field(default_factory=dict)
     sources: dict[str, SourceState] = field(default_factory=dict)
     transform_errors: int = 0
+    invalid_series: int = 0
 
     def __post_init__(self) -> None:
         self.transforms: list[tuple[str, Transform]] = [
@@ -527,6 +533,8 @@ class Pipeline:
         inboxes = [inbox for _, inbox in self.outputs]
         async with self._receive_channel:
             async for batch, callback in self._receive_channel:
+                if not all(_well_formed(s) for s in batch.series):
+                    batch = self._without_malformed(batch)
                 for name, transform in self.transforms:
                     try:
                         result = transform.apply(batch)
@@ -548,6 +556,19 @@ class Pipeline:
                 tracker = _BatchTracker(len(inboxes), callback) if callback is not None else None
                 for inbox in inboxes:
                     await inbox.put(Envelope(batch, points, tracker, inbox))
+
+    def _without_malformed(self, batch: Batch) -> Batch:
+        """Drops series whose columns differ in length: no output could write them, and one poison
+        batch retried forever would hold every batch behind it."""
+        good = [s for s in batch.series if _well_formed(s)]
+        bad = len(batch.series) - len(good)
+        self.invalid_series += bad
+        log.error(
+            "dropped %d malformed series (columns of different lengths), e.g. metric %r",
+            bad,
+            next(s.metric for s in batch.series if not _well_formed(s)),
+        )
+        return Batch(good)
 
     async def _self_metrics_loop(self) -> None:
         while True:

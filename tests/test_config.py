@@ -181,3 +181,9 @@ def test_broken_toml_is_a_config_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as info:
         config_mod.load(path, PLUGINS)
     assert str(info.value).startswith(f"{path}: invalid TOML:")
+
+
+def test_a_table_without_enable_turns_its_plugin_on() -> None:
+    # The contract configs of the relay and Graphite plugins have no `enable` key.
+    cfg = resolve({"plugins": {"relay-server": {"address": "127.0.0.1:7000"}, "csv": {"enable": False}}})
+    assert list(cfg.plugins) == ["relay-server"]

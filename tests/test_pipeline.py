@@ -234,3 +234,13 @@ async def test_self_metrics_are_ordinary_points(autojump_clock: trio.testing.Moc
         (s.attributes, s.values[0]) for b in out.batches for s in b.series if s.metric == "agent_output_points_received_total"
     ]
     assert written and written[0][0] == {"output": "out"} and written[0][1] >= 10
+
+
+async def test_malformed_series_are_dropped_not_retried_forever(autojump_clock: trio.testing.MockClock) -> None:
+    out = CollectingOutput()
+    bad = make_series("bad", values=[1, 2])
+    bad.timestamps.pop()
+    async with running_pipeline([], [out]) as pipeline:
+        await pipeline.sink().send(make_batch(bad, make_series("good", values=[3])))
+    assert out.values() == [3]
+    assert pipeline.invalid_series == 1

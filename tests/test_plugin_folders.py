@@ -149,11 +149,6 @@ def test_plugin_class_describes_itself(folder: PluginFolder) -> None:
         assert issubclass(cls.Config, msgspec.Struct)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="agent/config.py _ENABLE_LINE uses \\s* after true|false, which crosses the newline and eats the"
-    " comment line after `enable`; [ \\t]* instead fixes it (reported to the lead)",
-)
 def test_generated_config_keeps_every_sample_line() -> None:
     entries = {}
     for folder in builtin_folders():
