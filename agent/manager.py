@@ -29,6 +29,7 @@ BUILTIN_PLUGIN_MODULES: tuple[str, ...] = (
     "agent_plugins.console.plugin",
     "agent_plugins.synthetic.plugin",
     "agent_plugins.discard.plugin",
+    "agent_plugins.filter.plugin",
 )
 
 
