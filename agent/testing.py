@@ -36,6 +36,24 @@ from agent.plugin import (
 )
 
 
+def require_service(name: str, host: str, port: int) -> None:
+    """Skips the calling test when a service is not reachable on host:port, except under CI=true,
+    where a missing service is a failure (CI must provide it)."""
+    import os
+    import socket
+
+    import pytest
+
+    try:
+        with socket.create_connection((host, port), timeout=1.0):
+            return
+    except OSError as exc:
+        message = f"{name} is not reachable on {host}:{port} ({exc})"
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{message}; CI must provide it")
+        pytest.skip(message)
+
+
 def make_series(
     metric: str = "test_metric",
     values: Sequence[int | float] = (1.0,),
