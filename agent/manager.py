@@ -30,6 +30,8 @@ BUILTIN_PLUGIN_MODULES: tuple[str, ...] = (
     "agent_plugins.synthetic.plugin",
     "agent_plugins.discard.plugin",
     "agent_plugins.filter.plugin",
+    "agent_plugins.relay_client.plugin",
+    "agent_plugins.relay_server.plugin",
 )
 
 

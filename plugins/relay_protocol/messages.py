@@ -51,6 +51,10 @@ class GoodbyeCode(enum.StrEnum):
     PROTOCOL_ERROR = "protocol_error"  # the other side broke the protocol (the reason says how)
     SUPERSEDED = "superseded"  # a new connection of the same client stream took over
     TIMEOUT = "timeout"  # nothing received within the heartbeat timeout
+    #: Server -> client: an accepted batch could not be written (an output dropped it); reconnect and
+    #: resend from Accept.acked_seq. Added in phase 2 without a version change: unknown codes are
+    #: treated like protocol_error, on which a client reconnects and resends too.
+    RESEND = "resend"
 
 
 class Message(msgspec.Struct, array_like=True, frozen=True, tag=True):

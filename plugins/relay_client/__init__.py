@@ -1,0 +1,1 @@
+"""The `relay-client` output plugin: sends batches to a relay server, buffered on disk until acknowledged."""

@@ -1,0 +1,1 @@
+"""The `relay-server` source plugin: takes batches from relay-client agents into the pipeline."""
