@@ -394,8 +394,9 @@ class DestinationConfig(MatchFields, forbid_unknown_fields=True, kw_only=True):
     #: Points per second replayed from the spool once the destination is back, on top of live traffic:
     #: unthrottled replay overloads carbon-caches (carbon-relay-ng #156).
     replay_rate: Annotated[float, Meta(gt=0)] = 50_000.0
-    #: How long points may wait in the queue before a partial write is flushed.
-    flush_interval: Duration = Duration(1.0)
+    #: Small writes are gathered: after a write, a write of fewer than 1000 points waits until this long
+    #: after the previous one (points after an idle spell go at once).
+    flush_interval: Duration = Duration(0.1)
     connect_timeout: Duration = Duration(5.0)
     #: Pause between reconnection attempts (carbon-relay-ng: 10 s).
     reconnect_interval: Duration = Duration(10.0)
