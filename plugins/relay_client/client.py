@@ -49,7 +49,6 @@ from agent_plugins.relay_protocol import (
     Ack,
     FrameDecoder,
     FrameEncoder,
-    FrameTooLargeError,
     Goodbye,
     GoodbyeCode,
     Heartbeat,
@@ -66,7 +65,7 @@ from agent_plugins.relay_protocol import (
 from agent_plugins.relay_protocol.address import parse_address
 from agent_plugins.relay_protocol.session import SendWindow, plan_resume
 
-from .records import FRAME_OVERHEAD, encode_records
+from .records import encode_records, frame_body_size
 from .store import BatchStore
 
 log = logging.getLogger(__name__)
@@ -79,6 +78,8 @@ RECEIVE_SIZE = 256 * 1024
 RECENT_CACHE_BYTES = 64 * 1024 * 1024
 #: Frames are coalesced into one send call up to this size (many small batches, one system call).
 SEND_CHUNK_BYTES = 1 << 20
+#: Records encoded ahead of the disk write (the intake encodes while the appender writes).
+APPEND_QUEUE_RECORDS = 4
 #: Metric definitions per MetricDefs message, so that a huge table never makes an oversized frame.
 DEFS_PER_MESSAGE = 5000
 #: During a long outage, a reminder at most this often.
@@ -116,6 +117,15 @@ class ClientCounters:
     points_dropped: int = 0
     connections: int = 0
     failed_attempts: int = 0
+
+
+@dataclass
+class _Encoded:
+    """Frames on their way from the intake to the log, numbered from `first_seq`."""
+
+    first_seq: int
+    frames: list[bytearray]
+    envelopes: list[Envelope]
 
 
 class SessionEnded(Exception):
@@ -174,7 +184,7 @@ class RelayClient(Output):
         self.connected = False
         #: Called with the delay before each reconnection attempt (tests record the schedule).
         self.on_retry_delay: Callable[[float], None] | None = None
-        self._encoder = FrameEncoder()
+        self._encoder = FrameEncoder(settings.max_frame_size)
         self._recent: deque[tuple[int, bytes]] = deque()
         self._recent_bytes = 0
         self._unacked: deque[tuple[int, list[Envelope]]] = deque()  # memory buffer: envelopes by last seq
@@ -271,53 +281,75 @@ class RelayClient(Output):
             close()
 
     async def _intake(self, inbox: OutputInbox) -> None:
+        """Takes envelopes, encodes them into frames and hands them to the appender, in order. The
+        encoding of the next batch overlaps the disk write of the previous one."""
         settings = self.settings
         store = self.store
         assert store is not None
-        max_payload = settings.max_frame_size - FRAME_OVERHEAD
-        while True:
-            envelopes = await inbox.receive_batch(settings.buffer_max_length, settings.buffer_timeout)
-            if not envelopes:
-                return
-            live = [env for env in envelopes if not env.settled]
-            if not live:
-                continue
-            series = [s for env in live for s in env.batch.series]
-            if store.assign_ids(series, self.registry):
-                await self._io(store.save)
-            encoded = encode_records(self._encoder, series, store.metric_ids, max_payload)
-            self.counters.points_dropped += encoded.dropped_points
-            points = sum(env.points for env in live)
-            if encoded.payloads:
-                last_seq = await self._io(store.log.append_many, encoded.payloads)
-                first_seq = last_seq - len(encoded.payloads) + 1
-                self.counters.records_appended += len(encoded.payloads)
-            else:
-                last_seq = first_seq = 0
-            self.counters.points_buffered += points
-            if store.durable:
-                for env in live:
-                    env.done(True)
-                self._remember_recent(first_seq, encoded.payloads)
-            elif encoded.payloads:
-                self._unacked.append((last_seq, live))
-                self._settle_dropped_by_cap()
-            else:
-                for env in live:
-                    env.done(False)
-            log.debug(
-                "relay-client: buffered batches %d-%d (%d points); %d points buffered since start, %d batches pending",
-                first_seq,
-                last_seq,
-                points,
-                self.counters.points_buffered,
-                store.log.pending_records,
-            )
-            self._notify()
+        send_channel, receive_channel = trio.open_memory_channel[_Encoded](APPEND_QUEUE_RECORDS)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._appender, receive_channel)
+            async with send_channel:
+                # Only the appender appends, in this order: the next record numbers are known here, and
+                # the frames carry them.
+                next_seq = store.log.last_seq + 1
+                while True:
+                    envelopes = await inbox.receive_batch(settings.buffer_max_length, settings.buffer_timeout)
+                    if not envelopes:
+                        return
+                    live = [env for env in envelopes if not env.settled]
+                    if not live:
+                        continue
+                    series = [s for env in live for s in env.batch.series]
+                    if store.assign_ids(series, self.registry):
+                        # Before any frame using the new ids reaches the log.
+                        await self._io(store.save)
+                    encoded = encode_records(self._encoder, series, store.metric_ids, next_seq)
+                    self.counters.points_dropped += encoded.dropped_points
+                    await send_channel.send(_Encoded(next_seq, encoded.frames, live))
+                    next_seq += len(encoded.frames)
 
-    def _remember_recent(self, first_seq: int, payloads: list[bytes]) -> None:
+    async def _appender(self, receive_channel: trio.MemoryReceiveChannel[_Encoded]) -> None:
+        store = self.store
+        assert store is not None
+        async with receive_channel:
+            async for item in receive_channel:
+                frames, live, first_seq = item.frames, item.envelopes, item.first_seq
+                points = sum(env.points for env in live)
+                last_seq = first_seq - 1
+                if frames:
+                    last_seq = await self._io(store.log.append_many, frames)
+                    if last_seq != first_seq + len(frames) - 1:
+                        raise RuntimeError(
+                            f"the buffer numbered batches {first_seq}..{first_seq + len(frames) - 1} as ..{last_seq}"
+                        )
+                    self.counters.records_appended += len(frames)
+                self.counters.points_buffered += points
+                if store.durable:
+                    for env in live:
+                        env.done(True)
+                    self._remember_recent(first_seq, frames)
+                elif frames:
+                    self._unacked.append((last_seq, live))
+                    self._settle_dropped_by_cap()
+                else:
+                    for env in live:
+                        env.done(False)
+                if log.isEnabledFor(logging.DEBUG):
+                    log.debug(
+                        "relay-client: buffered batches %d-%d (%d points); %d points buffered since start,"
+                        " %d batches pending",
+                        first_seq,
+                        last_seq,
+                        points,
+                        self.counters.points_buffered,
+                        last_seq - self._acked_seq,
+                    )
+                self._notify()
+
+    def _remember_recent(self, first_seq: int, frames: list[bytearray]) -> None:
         recent = self._recent
-        for seq, payload in zip(itertools.count(first_seq), payloads):
+        for seq, payload in zip(itertools.count(first_seq), frames):
             recent.append((seq, payload))
             self._recent_bytes += len(payload)
         while recent and self._recent_bytes > RECENT_CACHE_BYTES:
@@ -357,7 +389,7 @@ class RelayClient(Output):
         assert store is not None
         self._stopping = True
         self._notify()
-        while self._acked_seq < store.log.last_seq and store.log.pending_records:
+        while self._acked_seq < store.log.last_seq and store.log.committed_seq < store.log.last_seq:
             if store.durable and not self.connected:
                 break
             await self._wait_change()
@@ -607,6 +639,7 @@ class RelayClient(Output):
         store = self.store
         assert store is not None
         defs_sent = 0
+        max_body = encoder.max_frame_size
         last_send = trio.current_time()
         while True:
             records = await self._read_after(window.last_sent, window.room) if window.room else []
@@ -621,36 +654,39 @@ class RelayClient(Output):
                     continue
                 await self._wait_change(heartbeat - idle_for)
                 continue
-            chunk = bytearray()
             metrics = store.metrics
             while defs_sent < len(metrics):
                 upto = min(len(metrics), defs_sent + DEFS_PER_MESSAGE)
-                chunk += encoder.encode(MetricDefs(_definitions(metrics, defs_sent, upto)))
+                await stream.send_all(encoder.encode(MetricDefs(_definitions(metrics, defs_sent, upto))))
                 defs_sent = upto
-            for seq, payload in records:
+            # Small frames go out together (one system call); large ones as they are stored (no copy).
+            pending: list[bytes | bytearray] = []
+            pending_bytes = 0
+            for seq, frame in records:
                 if seq <= window.last_sent:
                     continue  # an ack covered it meanwhile (the server had it from an earlier session)
-                try:
-                    chunk += encoder.encode_batch(seq, payload)
-                except FrameTooLargeError as exc:
+                window.sent(seq)
+                if frame_body_size(frame) > max_body:
                     # The server's limit is below ours: this batch can never be delivered to it.
                     self.counters.points_dropped += 1
                     log.error(
-                        "relay-client: batch %d can never be sent to %s and is skipped: %s (set max_frame_size to"
-                        " at most the server's)",
+                        "relay-client: batch %d (%d bytes) exceeds the maximum frame size of %s (%d bytes) and is"
+                        " skipped; set max_frame_size to at most the server's",
                         seq,
+                        frame_body_size(frame),
                         self.server,
-                        exc,
+                        max_body,
                     )
-                    window.sent(seq)
                     continue
-                window.sent(seq)
                 self.counters.batches_sent += 1
-                if len(chunk) >= SEND_CHUNK_BYTES:
-                    await stream.send_all(chunk)
-                    chunk = bytearray()
-            if chunk:
-                await stream.send_all(chunk)
+                pending.append(frame)
+                pending_bytes += len(frame)
+                if pending_bytes >= SEND_CHUNK_BYTES:
+                    await stream.send_all(pending[0] if len(pending) == 1 else b"".join(pending))
+                    pending.clear()
+                    pending_bytes = 0
+            if pending:
+                await stream.send_all(pending[0] if len(pending) == 1 else b"".join(pending))
             last_send = trio.current_time()
 
     async def _receiver(self, stream: trio.abc.Stream, decoder: FrameDecoder[Any], window: SendWindow, heartbeat: float) -> None:

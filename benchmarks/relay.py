@@ -1,0 +1,209 @@
+"""Relay throughput: synthetic -> relay-client -> relay-server -> discard, beside the raw transfer rate.
+
+    python benchmarks/relay.py [--points 20000000] [--series 10] [--points-per-batch 10000]
+                               [--buffer-max-length 100000]
+
+Two measurements of the same batches, in the same run, each with the sender in its own process:
+
+- **raw**: a process encodes the batches (`batch_to_wire` + `FrameEncoder.encode`) and writes them to a
+  trio TCP stream; this process decodes them (`FrameDecoder` + `batch_from_wire`). No acknowledgements,
+  no buffer, no pipeline: the floor of what msgspec and trio cost.
+- **end to end**: a client agent (`python -m agent.cli`, the `synthetic` source, the `relay-client`
+  output with its disk buffer) sends to a relay server running in this process (the `relay-server`
+  source and the `discard` output) over loopback, with acknowledgements: a batch leaves the client's
+  buffer only once the server's output has it.
+
+The rate is points over the time from the first point received to the last one written. The last line
+is JSON: {"points_per_s": ..., "raw_points_per_s": ...}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from agent import config as config_mod
+from agent.manager import build_plugin_manager, collect_plugins
+from agent.model import Batch
+from agent.runtime import Agent
+from agent_plugins.relay_protocol import (
+    ClientMessage,
+    FrameDecoder,
+    FrameEncoder,
+    batch_from_wire,
+    batch_to_wire,
+)
+from agent_plugins.synthetic.plugin import SyntheticConfig, SyntheticSource
+
+
+def record_batch(series: int, points_per_batch: int, buffer_max_length: int) -> Batch:
+    """What the relay client sends: `buffer_max_length` points of synthetic batches, merged."""
+    source = SyntheticSource(SyntheticConfig(series=series, points_per_batch=points_per_batch))
+    merged: list[Any] = []
+    for i in range(max(1, buffer_max_length // points_per_batch)):
+        merged += source.build_batch(source._counts, 1_700_000_000_000_000_000 + i * 1_000_000_000).series
+    return Batch(merged)
+
+
+# -- raw: encode, send, receive, decode --
+
+
+def raw_sender(port: int, batches: int, series: int, points_per_batch: int, buffer_max_length: int) -> None:
+    batch = record_batch(series, points_per_batch, buffer_max_length)
+    metric_ids = {s.metric: i for i, s in enumerate(batch.series) if isinstance(s.metric, str)}
+
+    async def send() -> None:
+        encoder = FrameEncoder()
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        async with stream:
+            for seq in range(1, batches + 1):
+                await stream.send_all(encoder.encode(batch_to_wire(seq, batch, metric_ids)))
+
+    trio.run(send)
+
+
+async def measure_raw(points: int, args: argparse.Namespace) -> float:
+    batch = record_batch(args.series, args.points_per_batch, args.buffer_max_length)
+    per_batch = len(batch)
+    batches = max(1, points // per_batch)
+    total = batches * per_batch
+    names = {i: s.metric for i, s in enumerate(batch.series) if isinstance(s.metric, str)}
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    port = listeners[0].socket.getsockname()[1]
+    received = 0
+    first: float | None = None
+    done = trio.Event()
+
+    async def serve(stream: trio.SocketStream) -> None:
+        nonlocal received, first
+        decoder = FrameDecoder(ClientMessage)
+        async with stream:
+            while received < total:
+                data = await stream.receive_some(1 << 20)
+                if not data:
+                    break
+                if first is None:
+                    first = time.perf_counter()
+                for message in decoder.feed(data):
+                    received += len(batch_from_wire(message, names))
+        done.set()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(trio.serve_listeners, serve, listeners)
+        command = [
+            sys.executable, __file__, "--raw-sender", str(port), "--batches", str(batches),
+            "--series", str(args.series), "--points-per-batch", str(args.points_per_batch),
+            "--buffer-max-length", str(args.buffer_max_length),
+        ]
+        process = await trio.lowlevel.open_process(command)
+        with trio.fail_after(300):
+            await done.wait()
+        elapsed = time.perf_counter() - (first or time.perf_counter())
+        await process.wait()
+        nursery.cancel_scope.cancel()
+    return received / elapsed
+
+
+# -- end to end: a client agent process, a server agent here --
+
+
+def client_config(port: int, data_dir: Path, points: int, args: argparse.Namespace) -> str:
+    return f"""
+[agent]
+data_dir = "{data_dir}"
+self_metrics_interval = "0s"
+grace_period = "30s"
+log_level = "warning"
+
+[plugins.synthetic]
+series = {args.series}
+points_per_batch = {args.points_per_batch}
+total_points = {points}
+
+[plugins.relay-client]
+client_name = "bench-client"
+relay_server = "127.0.0.1:{port}"
+buffer_max_length = {args.buffer_max_length}
+buffer_timeout = "100ms"
+disk_buffer = {"true" if not args.memory_buffer else "false"}
+overflow = "block"
+"""
+
+
+async def measure_end_to_end(points: int, args: argparse.Namespace, workdir: Path) -> tuple[float, int]:
+    pm = build_plugin_manager()
+    plugins = collect_plugins(pm)
+    document = {
+        "agent": {"data_dir": str(workdir / "server-data"), "self_metrics_interval": "0s", "log_level": "warning"},
+        "plugins": {
+            "relay-server": {"address": "127.0.0.1:0"},
+            "discard": {"queue_max_points": 4_000_000, "overflow": "block"},
+        },
+    }
+    config = config_mod.resolve(document, plugins, path=None)
+    agent = Agent(config, plugins, pm)
+    agent.start_plugins()
+    server = next(e.obj for e in agent.elements if e.plugin == "relay-server")
+    discard = next(e.obj for e in agent.elements if e.plugin == "discard")
+    async with trio.open_nursery() as nursery:
+        await nursery.start(lambda task_status: agent.run(handle_signals=False, task_status=task_status))
+        port = int(server.bound_addresses[0].rsplit(":", 1)[1])
+        config_path = workdir / "client.toml"
+        config_path.write_text(client_config(port, workdir / "client-data", points, args))
+        command = [sys.executable, "-m", "agent.cli", "--config", str(config_path)]
+        process = await trio.lowlevel.open_process(command, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        first: float | None = None
+        with trio.fail_after(600):
+            while discard.points < points:
+                if first is None and discard.points:
+                    first = time.perf_counter()
+                await trio.sleep(0.002)
+        elapsed = time.perf_counter() - (first or time.perf_counter())
+        received = discard.points
+        process.terminate()
+        await process.wait()
+        agent.stop()
+    return received / elapsed, received
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--points", type=int, default=20_000_000)
+    parser.add_argument("--series", type=int, default=10)
+    parser.add_argument("--points-per-batch", type=int, default=10_000)
+    parser.add_argument("--buffer-max-length", type=int, default=100_000)
+    parser.add_argument("--memory-buffer", action="store_true", help="disk_buffer = false on the client")
+    parser.add_argument("--raw-sender", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--batches", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.raw_sender:
+        raw_sender(args.raw_sender, args.batches, args.series, args.points_per_batch, args.buffer_max_length)
+        return
+    batch = record_batch(args.series, args.points_per_batch, args.buffer_max_length)
+    print(
+        f"batches of {len(batch.series)} series x {len(batch) // len(batch.series)} points;"
+        f" {args.points} points; client and server in two processes over loopback"
+    )
+    raw = trio.run(measure_raw, args.points, args)
+    print(f"raw trio/msgspec transfer (encode, send, receive, decode): {raw / 1e6:.2f} M points/s")
+    with tempfile.TemporaryDirectory(prefix="relay-bench-") as tmp:
+        rate, received = trio.run(measure_end_to_end, args.points, args, Path(tmp))
+    buffer = "memory" if args.memory_buffer else "disk"
+    print(
+        f"end to end (synthetic -> relay-client, {buffer} buffer -> relay-server -> discard, acks on):"
+        f" {rate / 1e6:.2f} M points/s ({received} points)"
+    )
+    print(f"ratio raw / end to end: {raw / rate:.2f}")
+    print(json.dumps({"points_per_s": round(rate), "raw_points_per_s": round(raw)}))
+
+
+if __name__ == "__main__":
+    main()
