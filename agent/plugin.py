@@ -17,6 +17,7 @@ build: the running work is the `run`/`poll`/`write` coroutines, which the core s
 
 from __future__ import annotations
 
+import abc
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -30,7 +31,7 @@ from agent.model import Batch, MetricDef, MetricRegistry, ValueType
 from agent.units import Duration
 
 if TYPE_CHECKING:
-    from agent.pipeline import Envelope, OutputInbox
+    from agent.pipeline import OutputInbox
 
 
 class PluginConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -56,16 +57,16 @@ class OutputConfig(PluginConfig, kw_only=True):
     overflow: OverflowPolicy = "drop_oldest"
 
 
-class PolledSource:
+class PolledSource(abc.ABC):
     """A source that the core polls. Set `poll_interval` and `flush_interval` (seconds) on the instance,
     usually from the plugin's config; `flush_interval` is rounded to a whole number of polls."""
 
     poll_interval: float = 1.0
     flush_interval: float = 1.0
 
+    @abc.abstractmethod
     async def poll(self, points: BatchBuilder, timestamp_ns: int) -> None:
         """Measures once, adding points to `points`. `timestamp_ns` is the time of this poll."""
-        raise NotImplementedError(f"{type(self).__name__} must implement poll()")
 
     async def close(self) -> None:
         """Releases what the source holds (files, connections). Called once at shutdown."""
@@ -101,21 +102,23 @@ class SourceSink:
         return result[0]
 
 
-class AutonomousSource:
+class AutonomousSource(abc.ABC):
     """A source that runs on its own: a listener, a subscriber, a load generator."""
 
+    @abc.abstractmethod
     async def run(self, sink: SourceSink, task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED) -> None:
-        """Runs until cancelled, pushing batches into `sink`. Call `task_status.started(value)` once
-        ready (listening), so that the core, the CLI and tests know it is up; `value` is typically the
-        bound address."""
-        raise NotImplementedError(f"{type(self).__name__} must implement run()")
+        """Runs until cancelled (or until it has nothing more to send), pushing batches into `sink`.
+        Call `task_status.started(value)` once ready (listening), so that the core, the CLI and tests
+        know it is up; `value` is typically the bound address."""
 
 
-class Transform:
+class Transform(abc.ABC):
     """Rewrites a batch. Return the batch (changed in place or new), or None to drop all of it."""
 
+    @abc.abstractmethod
     def apply(self, batch: Batch) -> Batch | None:
-        raise NotImplementedError(f"{type(self).__name__} must implement apply()")
+        """Called by the dispatcher for every batch, in config order; an exception is logged and the
+        batch goes on unchanged."""
 
 
 class Output:
@@ -136,7 +139,7 @@ class Output:
 
     async def write(self, batches: list[Batch]) -> None:
         """Writes the batches, returning once they are safe (handed to the OS, committed...)."""
-        raise NotImplementedError(f"{type(self).__name__} must implement write() or run()")
+        raise TypeError(f"{type(self).__name__} must implement write() or run()")
 
     async def close(self) -> None:
         """Called once after the last write, at shutdown."""
@@ -253,7 +256,7 @@ class StartContext:
         )
 
 
-class Plugin:
+class Plugin(abc.ABC):
     """Base class of every plugin. Subclasses set the class attributes and implement `start`."""
 
     #: The name used in `[plugins.NAME]`, `--plugins` and logs. Lower case, words joined by "-".
@@ -268,10 +271,10 @@ class Plugin:
     #: The kinds of elements it adds, for `agent plugins list`.
     provides: ClassVar[tuple[str, ...]] = ()
 
+    @abc.abstractmethod
     def start(self, ctx: StartContext, config: Any) -> None:
         """Registers metrics and adds elements. Raise an exception with a clear message if the plugin
         cannot start (missing device, bad permissions): the agent reports it with the plugin's name."""
-        raise NotImplementedError(f"plugin {self.name} must implement start()")
 
     def stop(self) -> None:
         """Called once after the pipeline stopped."""
@@ -308,6 +311,3 @@ __all__ = [
     "StartContext",
     "Transform",
 ]
-
-if TYPE_CHECKING:  # keep the names importable for type checkers
-    _ = (Envelope,)
