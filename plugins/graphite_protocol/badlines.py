@@ -36,8 +36,13 @@ class BadLineRecord(msgspec.Struct, frozen=True):
 class RecentBadLines:
     """The last `max_entries` refused lines, oldest first, and how many were recorded in total by reason."""
 
-    def __init__(self, name: str = "graphite-in", *, max_entries: int = DEFAULT_MAX_ENTRIES,
-                 max_line_chars: int = DEFAULT_MAX_LINE_CHARS) -> None:
+    def __init__(
+        self,
+        name: str = "graphite-in",
+        *,
+        max_entries: int = DEFAULT_MAX_ENTRIES,
+        max_line_chars: int = DEFAULT_MAX_LINE_CHARS,
+    ) -> None:
         if max_entries < 1:
             raise ValueError(f"max_entries must be at least 1, got {max_entries}")
         self.name = name

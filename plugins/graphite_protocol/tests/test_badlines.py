@@ -12,7 +12,9 @@ from agent_plugins.graphite_protocol.badlines import RecentBadLines, find_recent
 def test_keeps_the_newest_lines_and_counts_every_reason():
     recent = RecentBadLines(max_entries=3)
     for i in range(5):
-        recent.record("10.0.0.1:5000", "field_count: expected 3 fields", f"bad line {i}".encode(), when=float(i))
+        recent.record(
+            "10.0.0.1:5000", "field_count: expected 3 fields", f"bad line {i}".encode(), when=float(i)
+        )
     recent.record("10.0.0.2:5001", "bad_value", "a.b x 1", when=9.0)
     kept = recent.snapshot()
     assert [r.line for r in kept] == ["bad line 3", "bad line 4", "a.b x 1"]
