@@ -17,7 +17,7 @@ from agent import Duration, OutputConfig
 from agent_plugins.graphite_protocol.aggregation import AggregatorConfig, parse_aggregation_rules
 from agent_plugins.graphite_protocol.routing import RewriterConfig, RouteConfig
 
-from .render import DEFAULT_TEMPLATE, PathTemplate
+from .render import DEFAULT_TEMPLATE, ExtraFields, PathTemplate
 
 
 class ListenAddress(msgspec.Struct, frozen=True):
@@ -59,6 +59,9 @@ class GraphiteOutConfig(OutputConfig, kw_only=True):
     #: Path of series that have one metric name (system metrics, relay clients' points).
     template: str = DEFAULT_TEMPLATE
     prefix: str = ""
+    #: Attributes (and a consumer other than the machine) that the template does not use: "append" their
+    #: values to the path (sorted by name), add them as "tags" (;name=value), or "drop" them.
+    extra_fields: ExtraFields = "append"
     #: How long the output gathers points from the pipeline before routing them (0: at once).
     flush_interval: Duration = Duration(0.0)
     #: Upper bound of points routed in one go.
@@ -67,7 +70,7 @@ class GraphiteOutConfig(OutputConfig, kw_only=True):
     def __post_init__(self) -> None:
         parse_listen_address(self.admin_http, "admin_http")
         parse_listen_address(self.admin_line, "admin_line")
-        PathTemplate(self.template, self.prefix)
+        PathTemplate(self.template, self.prefix, self.extra_fields)
         if self.flush_interval < 0:
             raise ValueError(f"flush_interval: must not be negative, got {self.flush_interval!r}")
         seen: set[str] = set()

@@ -133,7 +133,7 @@ class GraphiteOutput(Output):
         self.config = config
         self.flush_interval = float(config.flush_interval)
         self.batch_max_points = config.batch_max_points
-        self.template = PathTemplate(config.template, config.prefix)
+        self.template = PathTemplate(config.template, config.prefix, config.extra_fields)
         self.spool_dir = spool_dir
         self.drain_timeout = max(0.5, grace_period / 2)
         self.aggregation_tick = aggregation_tick

@@ -15,12 +15,19 @@ so that a missing attribute never leaves ".." in a path. Characters outside `[A-
 value become "_" (a field can never add a level to the path, nor a space or a newline to the line); the
 prefix is the exception: it is written by the operator, so its dots are kept and each of its parts is
 cleaned the same way.
+
+What identifies a series but is not in the template (its attributes, and its consumer unless that is the
+whole machine) must still reach the path, or series would collide (`cpu_time_total` per CPU state,
+per-process metrics): `extra_fields = "append"` (the default) adds their values as further parts, sorted
+by name (`...cpu_time_total.cpu_core.0.user`); "tags" adds them as Graphite tags (`;state=user`); "drop"
+leaves them out.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from typing import Literal
 
 import msgspec
 
@@ -28,6 +35,8 @@ from agent.model import Series
 from agent_plugins.graphite_protocol.pickle_codec import CARBON_POINTS_PER_FRAME, encode_frames
 
 DEFAULT_TEMPLATE = "{prefix}.{relay_client}.{metric}.{resource_kind}.{resource_id}"
+ExtraFields = Literal["append", "tags", "drop"]
+EXTRA_FIELDS: tuple[str, ...] = ("append", "tags", "drop")
 #: The fields that do not come from the series' attributes.
 SERIES_FIELDS = ("prefix", "metric", "resource_kind", "resource_id", "consumer_kind", "consumer_id")
 
@@ -52,9 +61,14 @@ def clean_prefix(prefix: str) -> str:
 class PathTemplate:
     """A compiled path template. `render(series)` gives the series' path ("" if every part is empty)."""
 
-    def __init__(self, template: str = DEFAULT_TEMPLATE, prefix: str = "") -> None:
+    def __init__(
+        self, template: str = DEFAULT_TEMPLATE, prefix: str = "", extra_fields: ExtraFields = "append"
+    ) -> None:
+        if extra_fields not in EXTRA_FIELDS:
+            raise ValueError(f"extra_fields: expected one of {', '.join(EXTRA_FIELDS)}, got {extra_fields!r}")
         self.template = template
         self.prefix = clean_prefix(prefix)
+        self.extra_fields = extra_fields
         # Each part is a list of pieces: ("", literal text) or (field name, "").
         parts: list[list[tuple[str, str]]] = [[]]
         position = 0
@@ -71,6 +85,8 @@ class PathTemplate:
         if not any(name for part in parts for name, _ in part):
             raise ValueError(f"template {template!r}: no field in it; every series would get the same path")
         self._parts = [tuple(part) for part in parts if part]
+        self._field_names = frozenset(self.fields)
+        self._uses_consumer = bool({"consumer_kind", "consumer_id"} & self._field_names)
         self._clean_cache: dict[str, str] = {}
 
     def _add_literal(self, parts: list[list[tuple[str, str]]], text: str) -> None:
@@ -118,7 +134,33 @@ class PathTemplate:
             text = "".join(literal if not name else self._field(name, series) for name, literal in part)
             if text:
                 rendered.append(text)
-        return ".".join(rendered)
+        path = ".".join(rendered)
+        if self.extra_fields == "drop":
+            return path
+        extras = self._extras(series)
+        if not extras:
+            return path
+        if self.extra_fields == "append":
+            return (
+                ".".join([path, *(value for _, value in extras)]) if path else ".".join(v for _, v in extras)
+            )
+        return path + "".join(f";{name}={value}" for name, value in extras) if path else ""
+
+    def _extras(self, series: Series) -> list[tuple[str, str]]:
+        """What identifies the series but is not in the template: the consumer (unless it is the whole
+        machine) and the attributes, sorted by name, cleaned; empty values left out."""
+        extras = []
+        consumer = series.consumer
+        if not self._uses_consumer and consumer.kind != "local_machine":
+            extras.append(("consumer_kind", self._clean(consumer.kind)))
+            extras.append(("consumer_id", self._clean(consumer.id)))
+        attributes = series.attributes
+        if attributes:
+            used = self._field_names
+            for name in sorted(attributes):
+                if name not in used:
+                    extras.append((self._clean(name), self._clean(attributes[name])))
+        return [(name, value) for name, value in extras if value and name]
 
 
 class Chunk(msgspec.Struct, array_like=True):

@@ -47,6 +47,20 @@ def test_literal_text_and_non_string_attributes():
     assert template.render(series()) == "stats.cpu_percent.core_"
 
 
+def test_what_the_template_does_not_use_still_reaches_the_path():
+    cpu = series(metric="cpu_time_total", attributes={"state": "user", "relay_client": "web1"})
+    process = series(metric="process_cpu", kind="local_machine", rid="", consumer=("process", "4242"))
+    appended, tagged, dropped = (PathTemplate(extra_fields=mode) for mode in ("append", "tags", "drop"))
+    assert appended.render(cpu) == "web1.cpu_time_total.cpu_core.0.user"
+    assert tagged.render(cpu) == "web1.cpu_time_total.cpu_core.0;state=user"
+    assert dropped.render(cpu) == "web1.cpu_time_total.cpu_core.0"
+    assert appended.render(process) == "process_cpu.local_machine.process.4242"
+    assert tagged.render(process) == "process_cpu.local_machine;consumer_kind=process;consumer_id=4242"
+    # Sorted by attribute name, so the path does not depend on the order attributes were set in.
+    two = series(attributes={"z": "last", "a": "first"})
+    assert appended.render(two) == "cpu_percent.cpu_core.0.first.last"
+
+
 @pytest.mark.parametrize(
     ("template", "message"),
     [
@@ -87,6 +101,7 @@ def test_bad_template_in_config_names_the_key():
             "regular",
         ),
         ({"flush_interval": "-1s"}, "flush_interval"),
+        ({"extra_fields": "keep"}, "extra_fields"),
     ],
 )
 def test_config_errors_name_what_is_wrong(table, message):
