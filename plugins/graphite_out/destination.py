@@ -38,6 +38,7 @@ the peer closed can still be lost, as with carbon's own relay.
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 from collections import deque
 from collections.abc import Sequence
@@ -253,11 +254,14 @@ class Destination:
             self.retired = False
         self._wake()
 
-    def open_spool(self) -> None:
-        """Opens the spool when spooling is on, or when an earlier run left points in it (they are replayed)."""
+    def open_spool(self, only_existing: bool = False) -> None:
+        """Opens the spool when spooling is on, or when an earlier run left points in it (they are replayed).
+        With `only_existing`, only a spool already on disk is opened (at start: a healthy destination
+        creates no files until it first needs its spool)."""
         if self.spool is not None:
             return
-        if not self.config.spool and not self.spool_path.exists():
+        exists = self.spool_path.exists()
+        if not exists and (only_existing or not self.config.spool):
             return
         self.spool = DurableLog(self.spool_path, max_bytes=int(self.config.spool_max_size), fsync="interval")
         if self.spool.pending_records:
@@ -391,7 +395,11 @@ class Destination:
                 log.info("%s: %d points not written yet were spooled (%s)", self.name, points, reason)
             else:
                 self.drops.add(reason, points, "not written and the spool is off")
+        empty = self.spool is not None and self.spool.pending_records == 0
         self.close_spool()
+        if reason == "removed" and empty:
+            # Nothing left for a destination that is gone: do not leave its spool directory behind.
+            shutil.rmtree(self.spool_path, ignore_errors=True)
         self.drops.flush()
         self.finished = True
 

@@ -379,8 +379,9 @@ class GraphiteOutput(Output):
         self._http_socket = self._line_socket = None
 
     def _open_spool(self, destination: Destination) -> None:
+        """Opens a spool left on disk by an earlier run, so that it is replayed."""
         try:
-            destination.open_spool()
+            destination.open_spool(only_existing=True)
         except OSError as error:
             log.error("%s: cannot open the spool: %s", destination.name, error)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import msgspec
 import trio
 
 from agent_plugins.graphite_out.testing import (
@@ -263,4 +264,45 @@ async def test_hash_route_failover_redistributes_and_rejoin_restores_the_ring(tm
                 await a.wait_for(len(share(first, 0)) + 200 + len(share(fourth, 0)))
             assert b.paths == share(first, 1) + share(fourth, 1)
             assert a.paths[-len(share(fourth, 0)) :] == share(fourth, 0)
+            nursery.cancel_scope.cancel()
+
+
+async def test_a_removed_destination_keeps_its_spool_until_it_comes_back(tmp_path):
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            gone, other = FakeCarbon(), FakeCarbon()
+            await gone.start(nursery)
+            await gone.stop()
+            await other.start(nursery)
+            table = {
+                "routes": [
+                    {
+                        "key": "r",
+                        "type": "send_all_match",
+                        "destinations": [fast_destination(gone.address), fast_destination(other.address)],
+                    }
+                ]
+            }
+            output = new_output(tmp_path, table)
+            spool_dir = tmp_path / "spool" / f"r_127.0.0.1_{gone.port}"
+            async with running_output(output) as pipeline:
+                gone_destination, other_destination = output.state.route_destinations["r"]
+                await wait_until(lambda: gone_destination.down)
+                await send(pipeline, graphite_batch(numbered(0)))
+                assert gone_destination.spooled == 100
+
+                without = msgspec.structs.replace(output.settings)
+                route = output.settings.routes[0]
+                without.routes = [msgspec.structs.replace(route, destinations=[route.destination_configs[1]])]
+                output.apply(without)
+                await wait_until(lambda: gone_destination.finished)
+                assert spool_dir.is_dir()  # its points wait on disk
+                await send(pipeline, graphite_batch(numbered(1)))
+                await other.wait_for(200)
+
+                await gone.start(nursery)
+                output.apply(msgspec.structs.replace(output.settings, routes=[route]))
+                await gone.wait_for(100)
+            assert gone.paths == numbered(0)  # only what was routed to it while it was in the table
+            assert other.paths == numbered(0) + numbered(1)
             nursery.cancel_scope.cancel()

@@ -58,6 +58,8 @@ async def test_send_all_match_delivers_every_line_to_every_matching_destination(
             # The exact lines, in order, with values and second timestamps.
             assert all_sink.points == [(p, float(i), 1_700_000_000 + i) for i, p in enumerate(PATHS)]
             assert apps_sink.paths == [p for p in PATHS if p.startswith("apps.")]
+            # Healthy destinations never needed their spool: no files on disk.
+            assert not (tmp_path / "spool").exists()
             nursery.cancel_scope.cancel()
 
 
