@@ -41,7 +41,7 @@ import logging
 import shutil
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -54,7 +54,7 @@ from agent_plugins.graphite_protocol.hashing import DestinationAddress
 from agent_plugins.graphite_protocol.pickle_codec import PickleCodecError
 from agent_plugins.graphite_protocol.routing import DestinationConfig, OutputFormat
 
-from .render import Chunk, ChunkCodec, render_pickle, render_plaintext
+from .render import Chunk, ChunkCodec, render_pickle, render_plaintext, take
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +69,8 @@ SPOOL_READ_RECORDS = 64
 SPOOL_READ_BYTES = 4 << 20
 #: How long the replay allowance may be saved up while the spool is idle (burst size, in seconds of rate).
 REPLAY_BURST_SECONDS = 1.0
+#: Replay is written in slices of at most this many seconds of `replay_rate`.
+REPLAY_SLICE_SECONDS = 0.1
 #: How long a removed destination keeps trying to write what it holds in memory before spooling it.
 REMOVED_DRAIN_SECONDS = 30.0
 
@@ -176,6 +178,9 @@ class DestinationOwner(Protocol):
         ...
 
 
+Connector = Callable[[str, int], Awaitable[trio.abc.Stream]]
+
+
 def spool_directory_name(route_key: str, address: DestinationAddress) -> str:
     """`<route>_<host>_<port>[_<instance>]`, with characters unsafe in file names replaced by "_"."""
     parts = [route_key, address.host, str(address.port)]
@@ -195,6 +200,7 @@ class Destination:
         spool_root: Path,
         owner: DestinationOwner,
         failover_after: float | None = None,
+        connect: Connector | None = None,
     ) -> None:
         self.route_key = route_key
         self.address = config.parsed_address
@@ -203,6 +209,8 @@ class Destination:
         self.output_format: OutputFormat = output_format
         self.failover_after = failover_after
         self.owner = owner
+        #: How to open a connection (host, port) -> stream; tests pass memory streams.
+        self.connect: Connector = connect or trio.open_tcp_stream
         self.spool_path = spool_root / spool_directory_name(route_key, self.address)
         self.codec = ChunkCodec()
         self.drops = DropCounter(self.name)
@@ -457,10 +465,10 @@ class Destination:
         await self._wakeup.wait()
         self._wakeup = trio.Event()
 
-    async def _connect(self) -> trio.SocketStream | None:
+    async def _connect(self) -> trio.abc.Stream | None:
         try:
             with trio.fail_after(float(self.config.connect_timeout)):
-                stream = await trio.open_tcp_stream(self.address.host, self.address.port)
+                stream = await self.connect(self.address.host, self.address.port)
         except (OSError, trio.TooSlowError) as error:
             text = (
                 "connection timed out"
@@ -544,7 +552,7 @@ class Destination:
             log.error("%s: a spool record is not readable, skipped: %s", self.name, error)
             return None
 
-    async def _session(self, stream: trio.SocketStream) -> None:
+    async def _session(self, stream: trio.abc.Stream) -> None:
         """Writes until the connection breaks or there is nothing left to do."""
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._watch_peer, stream, nursery.cancel_scope)
@@ -561,7 +569,7 @@ class Destination:
                 log.warning("%s: write failed: %s", self.name, text)
             nursery.cancel_scope.cancel()
 
-    async def _watch_peer(self, stream: trio.SocketStream, scope: trio.CancelScope) -> None:
+    async def _watch_peer(self, stream: trio.abc.Stream, scope: trio.CancelScope) -> None:
         """carbon never writes back: reading tells at once when it closed the connection."""
         try:
             while await stream.receive_some(4096):
@@ -572,7 +580,7 @@ class Destination:
         log.warning("%s: %s", self.name, self.last_error)
         scope.cancel()
 
-    async def _write_loop(self, stream: trio.SocketStream) -> None:
+    async def _write_loop(self, stream: trio.abc.Stream) -> None:
         while True:
             if self.retry:
                 chunks = self.retry
@@ -614,27 +622,55 @@ class Destination:
         self.queued_points -= points
         return chunks
 
-    async def _replay_some(self, stream: trio.SocketStream) -> bool:
-        """Writes the next spool records, paced; False when the spool is empty."""
+    async def _replay_some(self, stream: trio.abc.Stream) -> bool:
+        """Writes the next spool records, paced; False when the spool is empty.
+
+        Records are cut into slices of at most REPLAY_SLICE_SECONDS of rate, each booked with the pacer, so
+        that a big record does not go out as one burst after a long wait. Slices that need no wait are
+        written together. A record is committed once all of it is written; if the connection breaks in the
+        middle of one, all of it is sent again on the next connection (duplicates, which Graphite ignores,
+        rather than a gap).
+        """
         assert self.spool is not None
         records = self.spool.read(self.spool.committed_seq, SPOOL_READ_RECORDS, SPOOL_READ_BYTES)
         if not records:
             return False
-        chunks = [chunk for _, payload in records if (chunk := self._decode(payload)) is not None]
-        points = sum(len(chunk) for chunk in chunks)
-        if self._pacer is not None and points:
-            delay = self._pacer.reserve(points, trio.current_time())
-            if delay > 0:
-                await trio.sleep(delay)
-        if chunks:
-            await self._write(stream, chunks, retry_on_failure=None)
-        self.spool.commit(records[-1][0])
-        self._drop_index_through(records[-1][0])
-        self.replayed += points
+        slice_points = max(1, int(float(self.config.replay_rate) * REPLAY_SLICE_SECONDS))
+        pending: list[Chunk] = []
+        complete_seq: int | None = None  # the newest record all of whose slices are in `pending`
+
+        async def flush() -> None:
+            nonlocal pending, complete_seq
+            if pending:
+                await self._write(stream, pending, retry_on_failure=None)
+                self.replayed += sum(len(part) for part in pending)
+                pending = []
+            if complete_seq is not None:
+                assert self.spool is not None
+                self.spool.commit(complete_seq)
+                self._drop_index_through(complete_seq)
+                complete_seq = None
+
+        for seq, payload in records:
+            chunk = self._decode(payload)
+            if chunk is not None:
+                for start in range(0, len(chunk), slice_points):
+                    part = take(chunk, range(start, min(start + slice_points, len(chunk))))
+                    delay = (
+                        self._pacer.reserve(len(part), trio.current_time())
+                        if self._pacer is not None
+                        else 0.0
+                    )
+                    if delay > 0:
+                        await flush()
+                        await trio.sleep(delay)
+                    pending.append(part)
+            complete_seq = seq
+        await flush()
         return True
 
     async def _write(
-        self, stream: trio.SocketStream, chunks: list[Chunk], retry_on_failure: list[Chunk] | None
+        self, stream: trio.abc.Stream, chunks: list[Chunk], retry_on_failure: list[Chunk] | None
     ) -> None:
         """Renders and writes chunks. If the write does not complete, memory chunks go back to `retry`
         (spool records are simply not committed, so they are read again)."""
