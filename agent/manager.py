@@ -32,6 +32,7 @@ BUILTIN_PLUGIN_MODULES: tuple[str, ...] = (
     "agent_plugins.filter.plugin",
     "agent_plugins.relay_client.plugin",
     "agent_plugins.relay_server.plugin",
+    "agent_plugins.graphite_in.plugin",
     "agent_plugins.graphite_out.plugin",
 )
 
