@@ -45,7 +45,7 @@ class GraphiteInConfig(PluginConfig, kw_only=True):
             raise ValueError('plaintext, udp and pickle are all "": graphite-in would listen on nothing')
         if self.max_pickle_frame_size < 1024:
             raise ValueError(
-                f"max_pickle_frame_size: must be at least 1KiB, got {self.max_pickle_frame_size}"
+                f"max_pickle_frame_size: must be at least 1KiB, got {int(self.max_pickle_frame_size)} bytes"
             )
         if self.idle_timeout < 0:
             raise ValueError(f"idle_timeout: must not be negative, got {self.idle_timeout!r}")

@@ -11,9 +11,9 @@ name). Resource and consumer are the local machine: Graphite says nothing about 
 - Untagged points, the usual case, all go into one series with no attributes: the columns from the
   parser are used as they are, with no per-point work.
 - Tagged points (`name;k=v`) keep their normalised path (tags sorted as carbon sorts them) as the metric
-  and get their tags as attributes. A series has one attribute set, so they are grouped by tag set: the
-  tag part of the normalised path (`k=v;k2=v2`) is the key, since equal tag sets normalise to the same
-  text. Only chunks with tagged points pay for this grouping.
+  and get their tags as attributes (sorted by tag name). A series has one attribute set, so they are
+  grouped by tag set: the tag part of the normalised path (`k=v;k2=v2`) is the key, since equal tag
+  sets normalise to the same text. Only chunks with tagged points pay for this grouping.
 """
 
 from __future__ import annotations
@@ -71,6 +71,7 @@ def _series(
     tagged: dict[str, TaggedName],
 ) -> Series:
     # The parser's TaggedName objects live on in its per-connection cache: the attributes are a copy, so
-    # that a transform changing a series' attributes in place cannot change later series.
-    attributes = dict(tagged[example_path].tags) if key else {}
+    # that a transform changing a series' attributes in place cannot change later series. Sorted by tag
+    # name, so that a tag set reads the same whatever order the sender wrote it in.
+    attributes = dict(sorted(tagged[example_path].tags.items())) if key else {}
     return Series(paths, LOCAL_MACHINE, LOCAL_MACHINE_CONSUMER, attributes, timestamps, values)

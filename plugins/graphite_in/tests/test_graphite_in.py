@@ -50,7 +50,11 @@ async def send_and_close(source: GraphiteInput, data: bytes, listener: str = "pl
 
 
 def points(output: CollectingOutput) -> list[tuple[str, int, float, dict[str, Any]]]:
-    return [(name, ts, value, series.attributes) for batch in output.batches for name, ts, value, series in batch.points()]
+    return [
+        (name, ts, value, series.attributes)
+        for batch in output.batches
+        for name, ts, value, series in batch.points()
+    ]
 
 
 def pickle_frame(points_: list[Any], protocol: int = 2) -> bytes:
@@ -127,7 +131,9 @@ async def test_the_last_line_of_a_closed_connection_counts_without_its_newline()
     assert [n for n, *_ in points(output)] == ["first", "last.without.newline"]
 
 
-async def test_bad_lines_are_counted_by_reason_and_the_connection_stays_open(caplog: pytest.LogCaptureFixture) -> None:
+async def test_bad_lines_are_counted_by_reason_and_the_connection_stays_open(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     caplog.set_level(logging.WARNING)
     with trio.fail_after(10):
         async with running_input() as (source, output):
@@ -159,7 +165,12 @@ async def test_bad_lines_are_counted_by_reason_and_the_connection_stays_open(cap
     assert [n for n, *_ in points(output)] == ["good.one", "good.two"]
     records = source.recent_bad_lines.snapshot()
     assert sorted(r.reason.split(":")[0] for r in records) == [
-        "bad_chars", "bad_tags", "bad_timestamp", "bad_value", "field_count", "nan_value"
+        "bad_chars",
+        "bad_tags",
+        "bad_timestamp",
+        "bad_value",
+        "field_count",
+        "nan_value",
     ]
     assert "bad.value abc 1700000000" in [r.line for r in records]
     assert all(r.peer.startswith("127.0.0.1:") for r in records)
@@ -257,7 +268,9 @@ async def test_an_oversized_pickle_frame_closes_that_connection_only() -> None:
 
 
 async def test_a_frame_split_across_reads_and_points_dropped_by_validation() -> None:
-    frame = pickle_frame([("ok.a", (T0, 1.0)), ("bad path", (T0, 2.0)), ("nan.value", (T0, float("nan"))), ("ok.b", (-1, 3))])
+    frame = pickle_frame(
+        [("ok.a", (T0, 1.0)), ("bad path", (T0, 2.0)), ("nan.value", (T0, float("nan"))), ("ok.b", (-1, 3))]
+    )
     with trio.fail_after(10):
         async with running_input() as (source, output):
             stream = await connect(source, "pickle")
@@ -326,7 +339,10 @@ async def test_a_port_in_use_is_a_startup_error_naming_the_address() -> None:
     address = f"127.0.0.1:{taken.getsockname()[1]}"
     try:
         source = GraphiteInput(ListenerSettings(plaintext="127.0.0.1:0", pickle=address))
-        with trio.fail_after(5), pytest.raises(OSError, match=f"graphite-in pickle: cannot listen on {address}"):
+        with (
+            trio.fail_after(5),
+            pytest.raises(OSError, match=f"graphite-in pickle: cannot listen on {address}"),
+        ):
             await source.run(_NullSink())  # type: ignore[arg-type]
     finally:
         taken.close()
@@ -335,3 +351,64 @@ async def test_a_port_in_use_is_a_startup_error_naming_the_address() -> None:
 class _NullSink:
     async def send(self, batch: Batch, on_done: Any = None) -> None:
         pass
+
+
+@pytest.mark.parametrize(
+    ("table", "message"),
+    [
+        (
+            {"plaintext": "", "pickle": ""},
+            'plaintext, udp and pickle are all "": graphite-in would listen on nothing',
+        ),
+        ({"plaintext": "localhost"}, "plaintext: 'localhost': missing port"),
+        ({"udp": "0.0.0.0:99999"}, "udp: '0.0.0.0:99999': port '99999' is not a number from 0 to 65535"),
+        ({"validation": "loose"}, "expected one of: none, medium, strict"),
+        ({"max_pickle_frame_size": "10"}, "max_pickle_frame_size: must be at least 1KiB"),
+        ({"plaintxt": ":2003"}, "plugins.graphite-in.plaintxt: unknown key"),
+    ],
+)
+def test_config_mistakes_are_one_line_errors(table: dict[str, Any], message: str) -> None:
+    from agent.config import ConfigError, convert_section
+    from agent_plugins.graphite_in.plugin import GraphiteInConfig
+
+    with pytest.raises(ConfigError) as error:
+        convert_section(table, GraphiteInConfig, "plugins.graphite-in")
+    assert message in str(error.value)
+    assert "\n" not in str(error.value)
+
+
+def test_the_plugin_adds_one_source_with_the_configured_settings(tmp_path: Any) -> None:
+    from agent.config import convert_section
+    from agent.model import MetricRegistry
+    from agent.plugin import StartContext
+    from agent_plugins.graphite_in.plugin import GraphiteInConfig, GraphiteInPlugin
+
+    config = convert_section(
+        {
+            "udp": "127.0.0.1:2003",
+            "validation": "strict",
+            "idle_timeout": "5m",
+            "max_pickle_frame_size": "64KiB",
+        },
+        GraphiteInConfig,
+        "plugins.graphite-in",
+    )
+    ctx = StartContext("graphite-in", MetricRegistry(), tmp_path, None)
+    GraphiteInPlugin().start(ctx, config)
+    [element] = ctx.elements
+    assert element.kind == "source" and element.full_name == "graphite-in"
+    settings = element.obj.settings
+    assert (settings.plaintext, settings.udp, settings.pickle) == (
+        "0.0.0.0:2003",
+        "127.0.0.1:2003",
+        "0.0.0.0:2004",
+    )
+    assert (settings.validation, settings.idle_timeout, settings.max_pickle_frame_size) == (
+        "strict",
+        300.0,
+        65536,
+    )
+    # graphite-out's admin API finds the recent bad lines on the element.
+    from agent_plugins.graphite_protocol.badlines import find_recent_bad_lines
+
+    assert find_recent_bad_lines(ctx.elements) == [element.obj.recent_bad_lines]
