@@ -110,4 +110,6 @@ def test_where_tcp_cuts_the_stream_never_changes_the_points(
     sink = trio.run(main)
     got = [(name, value) for batch in sink.batches for name, _, value, _ in batch.points()]
     # Series group points by tag set, so only the order among points of one path is kept.
-    assert sorted(got, key=lambda p: p[0]) == sorted(zip(expected.paths, expected.values), key=lambda p: p[0])
+    assert sorted(got, key=lambda p: p[0]) == sorted(
+        zip(expected.paths, expected.values, strict=True), key=lambda p: p[0]
+    )
