@@ -66,7 +66,7 @@ from agent_plugins.relay_protocol.address import parse_address
 from agent_plugins.relay_protocol.session import SendWindow, plan_resume
 
 from .records import encode_records, frame_body_size
-from .store import BatchStore
+from .store import BatchStore, BufferSpec
 
 log = logging.getLogger(__name__)
 
@@ -130,13 +130,12 @@ class _Encoded:
 
 class SessionEnded(Exception):
     """A session ended. `accepted`: the server had accepted it (the backoff starts again);
-    `level`: how loudly to log it; `retry_now`: reconnect without waiting."""
+    `level`: how loudly to log it."""
 
-    def __init__(self, reason: str, *, accepted: bool = True, level: int = logging.WARNING, retry_now: bool = False) -> None:
+    def __init__(self, reason: str, *, accepted: bool = True, level: int = logging.WARNING) -> None:
         super().__init__(reason)
         self.accepted = accepted
         self.level = level
-        self.retry_now = retry_now
 
 
 class Rejected(SessionEnded):
@@ -165,7 +164,7 @@ class RelayClient(Output):
     def __init__(
         self,
         settings: ClientSettings,
-        open_store: Callable[[], BatchStore],
+        buffer: BufferSpec,
         *,
         registry: MetricRegistry | None = None,
         ssl_context: ssl.SSLContext | None = None,
@@ -176,7 +175,7 @@ class RelayClient(Output):
         self.host, self.port = parse_address(settings.relay_server)
         self.registry = registry
         self.ssl_context = ssl_context
-        self._open_store = open_store
+        self.buffer = buffer
         self._connect = connect
         self._rng = rng or random.Random()
         self.counters = ClientCounters()
@@ -218,7 +217,7 @@ class RelayClient(Output):
 
     async def run(self, inbox: OutputInbox, task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED) -> None:
         self._stopping = False
-        self.store = await trio.to_thread.run_sync(self._open_store)
+        self.store = await trio.to_thread.run_sync(self.buffer.open) if self.buffer.durable else self.buffer.open()
         store = self.store
         self._acked_seq = store.log.committed_seq
         self._recent.clear()
@@ -466,14 +465,16 @@ class RelayClient(Output):
                     self._notify()
                     with trio.CancelScope(shield=True), trio.move_on_after(LAST_WORDS_TIMEOUT):
                         await trio.aclose_forcefully(stream)
+            if self._stopping and (self.store is None or self.store.durable or self._acked_seq >= self.store.log.last_seq):
+                # Stopping: nothing left to deliver, or it stays on disk for the next start.
+                log.log(min(ended.level, logging.INFO), "relay-client: connection to %s ended: %s", self.server, ended)
+                return
             if ended.accepted:
                 failures = 0
                 self._backoff.reset()
                 outage_started = None
                 last_reject = None
                 log.log(ended.level, "relay-client: connection to %s ended: %s; reconnecting", self.server, ended)
-                if ended.retry_now:
-                    continue
                 delay = self._backoff.next_delay()
             else:
                 failures += 1
@@ -572,7 +573,6 @@ class RelayClient(Output):
                 f"the server has seen batch {accept.received_seq} of stream {old}, but this client numbered only"
                 f" {store.log.last_seq} (its buffer lost its tail): moving the {store.log.pending_records} buffered"
                 f" batches to the new stream {store.stream_id}",
-                retry_now=True,
             )
         self.counters.connections += 1
         self.connected = True
@@ -749,6 +749,13 @@ def _connect_failure(exc: BaseException) -> str:
     cause = exc.__cause__ or exc.__context__
     if isinstance(exc, trio.BrokenResourceError) and cause is not None:
         exc = cause
+    if isinstance(exc, OSError) and isinstance(exc.__cause__, ExceptionGroup):
+        # trio.open_tcp_stream: "all attempts to connect ... failed", the reasons in a group.
+        reasons = dict.fromkeys(
+            e.strerror or str(e) for e in exc.__cause__.exceptions if isinstance(e, OSError)
+        )
+        if reasons:
+            return "; ".join(reasons)
     if isinstance(exc, ssl.SSLCertVerificationError):
         return f"TLS: the server's certificate is not trusted: {exc.verify_message}"
     if isinstance(exc, ssl.SSLError):

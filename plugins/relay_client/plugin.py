@@ -19,7 +19,7 @@ from agent_plugins.relay_protocol.address import parse_address
 from agent_plugins.relay_protocol.framing import FRAME_SIZE_LIMIT
 
 from .client import ClientSettings, RelayClient
-from .store import BatchStore
+from .store import BufferSpec, DiskBuffer, MemoryBuffer
 
 
 class RetryConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -147,23 +147,16 @@ class RelayClientPlugin(Plugin):
 
     def start(self, ctx: StartContext, config: RelayClientConfig) -> None:
         ssl_context = build_client_ssl_context(config)
+        buffer: BufferSpec
         if config.disk_buffer:
             directory = (
                 Path(config.disk_buffer_path).expanduser() if config.disk_buffer_path else ctx.plugin_data_dir()
             )
-            max_bytes, fsync = int(config.disk_buffer_max_size), config.disk_buffer_fsync
-
-            def open_store() -> BatchStore:
-                return BatchStore.open_disk(directory, max_bytes=max_bytes, fsync=fsync)
-
+            buffer = DiskBuffer(directory, int(config.disk_buffer_max_size), config.disk_buffer_fsync)
             ctx.logger.info("disk buffer in %s (at most %s)", directory, config.disk_buffer_max_size)
         else:
-            memory_bytes = int(config.memory_buffer_max_size)
-
-            def open_store() -> BatchStore:
-                return BatchStore.open_memory(max_bytes=memory_bytes)
-
-        client = RelayClient(settings_from_config(config), open_store, registry=ctx.registry, ssl_context=ssl_context)
+            buffer = MemoryBuffer(int(config.memory_buffer_max_size))
+        client = RelayClient(settings_from_config(config), buffer, registry=ctx.registry, ssl_context=ssl_context)
         ctx.add_output(client, config)
 
 

@@ -22,7 +22,9 @@ import logging
 import os
 import uuid
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import msgspec
 
@@ -150,6 +152,33 @@ class BatchStore:
         self.log.close()
 
 
+@dataclass(frozen=True)
+class DiskBuffer:
+    """Where and how to open the disk buffer (opened by the client's output task, in a thread)."""
+
+    directory: Path
+    max_bytes: int
+    fsync: FsyncPolicy = "interval"
+    durable: ClassVar[bool] = True
+
+    def open(self) -> BatchStore:
+        return BatchStore.open_disk(self.directory, max_bytes=self.max_bytes, fsync=self.fsync)
+
+
+@dataclass(frozen=True)
+class MemoryBuffer:
+    """The memory buffer: no file, nothing survives a restart."""
+
+    max_bytes: int
+    durable: ClassVar[bool] = False
+
+    def open(self) -> BatchStore:
+        return BatchStore.open_memory(max_bytes=self.max_bytes)
+
+
+BufferSpec = DiskBuffer | MemoryBuffer
+
+
 def _read_stream_file(path: Path) -> StreamFile | None:
     try:
         data = path.read_bytes()
@@ -166,4 +195,4 @@ def _read_stream_file(path: Path) -> StreamFile | None:
     return saved
 
 
-__all__ = ["BatchStore", "StreamFile", "new_stream_id"]
+__all__ = ["BatchStore", "BufferSpec", "DiskBuffer", "MemoryBuffer", "StreamFile", "new_stream_id"]

@@ -135,6 +135,8 @@ class RelayServer(AutonomousSource):
         #: The addresses actually bound (the port filled in when the config says 0), once running.
         self.bound_addresses: list[str] = []
         self._client_tokens = dict(settings.client_tokens)
+        #: Set when the agent stops: sessions acknowledge what they forwarded, say bye and end.
+        self.stopping = False
         self._renames_logged: set[tuple[str, str]] = set()
         self._sink: SourceSink | None = None
 
@@ -148,7 +150,7 @@ class RelayServer(AutonomousSource):
             # opens one socket per family; an IPv6 socket alone would not take IPv4 clients).
             listeners = await trio.open_tcp_listeners(port, host=None if host in WILDCARD_HOSTS else host)
         except OSError as exc:
-            raise OSError(exc.errno, f"cannot listen on {self.settings.address}: {exc.strerror or exc}") from None
+            raise OSError(f"cannot listen on {self.settings.address}: {exc.strerror or exc}") from None
         self.bound_addresses = [_socket_address(listener.socket.getsockname()) for listener in listeners]
         return listeners
 
@@ -164,7 +166,9 @@ class RelayServer(AutonomousSource):
         )
         task_status.started(list(self.bound_addresses))
         try:
-            await trio.serve_listeners(self._handle_tcp, listeners)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._stop_sessions_when_cancelled)
+                await trio.serve_listeners(self._handle_tcp, listeners)
         finally:
             c = self.counters
             log.info(
@@ -177,6 +181,17 @@ class RelayServer(AutonomousSource):
                 c.refused_batches,
                 c.failed_batches,
             )
+
+    async def _stop_sessions_when_cancelled(self) -> None:
+        """Streaming sessions are shielded from the source's cancellation (cancelling a TLS read
+        breaks the stream): when the agent stops, this tells each of them to finish in good order."""
+        try:
+            await trio.sleep_forever()
+        finally:
+            self.stopping = True
+            deadline = trio.current_time() + self.settings.shutdown_timeout
+            for connection in list(self.connections):
+                connection.stop(deadline)
 
     async def _handle_tcp(self, stream: trio.SocketStream) -> None:
         try:
@@ -272,8 +287,11 @@ class _Connection:
         self._resend_seq: int | None = None
         self._changed = trio.Event()
         self._last_send = 0.0
-        self._session_scope = trio.CancelScope()
+        # Shielded: the session ends through `stop` (in good order) or `supersede`, never by the
+        # cancellation of the source, which would break a TLS stream before its last words.
+        self._session_scope = trio.CancelScope(shield=True)
         self._superseded = False
+        self._stopping = False
         self._end: _SessionEnd | None = None
 
     def __repr__(self) -> str:
@@ -296,6 +314,13 @@ class _Connection:
         """A new connection of the same stream took over: stop this one."""
         self._superseded = True
         self._session_scope.cancel()
+
+    def stop(self, deadline: float) -> None:
+        """The agent stops: forward nothing more, acknowledge what was forwarded once it is written, say
+        bye, all before `deadline` (then the session is cut short)."""
+        self._stopping = True
+        self._session_scope.deadline = min(self._session_scope.deadline, deadline + LAST_WORDS_TIMEOUT)
+        self.wake()
 
     async def _wait_change(self, timeout: float) -> None:
         with trio.move_on_after(timeout):
@@ -326,10 +351,8 @@ class _Connection:
                 return
             self._open_session(hello)
             await self._streaming()
-        except trio.Cancelled:
-            await self._shutdown_gracefully()
-            raise
-        except Exception as exc:  # noqa: BLE001 - one connection's bug must not stop the server
+        except Exception as exc:
+            # One connection's bug must not stop the server.
             server.counters.disconnected_with_error += 1
             log.error("relay-server: client %s disconnected: internal error: %s", self.describe(), describe_exception(exc))
             log.debug("relay connection failure", exc_info=True)
@@ -460,6 +483,8 @@ class _Connection:
             )
         )
         end: _SessionEnd | None = None
+        if self.server.stopping:
+            self.stop(trio.current_time() + self.settings.shutdown_timeout)
         with self._session_scope:
             try:
                 async with trio.open_nursery() as nursery:
@@ -469,6 +494,8 @@ class _Connection:
                 end = self._end
         if self._superseded:
             end = _SessionEnd("a new connection of the same stream took over", GoodbyeCode.SUPERSEDED)
+        elif self._session_scope.cancelled_caught:
+            end = _Misbehaved("the agent stopped before the session could end in good order")
         if end is None:
             return
         if end.code is not None:
@@ -538,6 +565,8 @@ class _Connection:
         server = self.server
         state = self.state
         assert state is not None and server._sink is not None
+        if self._stopping:
+            return  # not taken: the client keeps it and resends it to the next server
         seq = message.seq
         verdict = state.receive(seq)
         if verdict is not Verdict.FORWARD:
@@ -595,23 +624,10 @@ class _Connection:
                 await self._send(Ack(state.acked_seq))
             elif trio.current_time() - self._last_send >= interval:
                 await self._send(Heartbeat())
-
-    async def _shutdown_gracefully(self) -> None:
-        """The agent stops: let the batches already forwarded be written, acknowledge them, say bye."""
-        state = self.state
-        if state is None or self._superseded or self._end is not None:
-            return
-        with trio.CancelScope(shield=True):
-            with trio.move_on_after(self.settings.shutdown_timeout):
-                while state.acked_seq < self.highest_forwarded and self._resend_seq is None:
-                    await self._wait_change(self.settings.shutdown_timeout)
-            try:
-                with trio.move_on_after(LAST_WORDS_TIMEOUT):
-                    if state.acked_seq > self.sent_ack:
-                        await self._send(Ack(state.acked_seq))
-                    await self._send(Goodbye(GoodbyeCode.SHUTDOWN, "the server is stopping"))
-            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError, ssl.SSLError):
-                return
+            if self._stopping and (state.acked_seq >= self.highest_forwarded or state.needs_resend):
+                end = _PeerGone("the server is stopping", GoodbyeCode.SHUTDOWN)
+                end.level = logging.DEBUG
+                raise end
 
     # -- sending --
 
@@ -620,8 +636,9 @@ class _Connection:
         self._last_send = trio.current_time()
 
     async def _last_words(self, message: Message) -> None:
-        """A reject or bye before closing; a peer that does not read does not hold us."""
-        with trio.move_on_after(LAST_WORDS_TIMEOUT):
+        """A reject or bye before closing; a peer that does not read does not hold us. Shielded: these
+        are sent while the agent stops too."""
+        with trio.CancelScope(shield=True), trio.move_on_after(LAST_WORDS_TIMEOUT):
             try:
                 await self._send(message)
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError, ssl.SSLError):
