@@ -1,16 +1,35 @@
 """The relay client against a scripted server over in-memory streams (MockClock: timers and backoff)
-and against the real relay server over loopback."""
+and against the real relay server over loopback (TLS with trustme certificates)."""
 
 from __future__ import annotations
 
 import functools
+import logging
+import socket
+import ssl
+from pathlib import Path
 
+import msgspec
+import pytest
 import trio
 import trio.testing
+import trustme
 
+from agent.config import ConfigError, convert_section
+from agent.model import MetricDef, MetricRegistry
 from agent.pipeline import Pipeline
-from agent.testing import make_batch, make_series, output_element, partial_run
+from agent.plugin import StartContext
+from agent.testing import (
+    CollectingOutput,
+    make_batch,
+    make_series,
+    output_element,
+    partial_run,
+    source_element,
+)
 from agent_plugins.relay_client.client import ClientSettings, RelayClient
+from agent_plugins.relay_client.plugin import RelayClientConfig, RelayClientPlugin, build_client_ssl_context
+from agent_plugins.relay_client.records import encode_records
 from agent_plugins.relay_client.store import BatchStore, DiskBuffer, MemoryBuffer
 from agent_plugins.relay_protocol import (
     PROTOCOL_VERSION,
@@ -22,7 +41,11 @@ from agent_plugins.relay_protocol import (
     FrameEncoder,
     Hello,
     MetricDefs,
+    Reject,
+    batch_from_wire,
 )
+from agent_plugins.relay_server.security import build_server_ssl_context
+from agent_plugins.relay_server.server import RelayServer, ServerSettings
 
 
 class ScriptedServer:
@@ -121,23 +144,6 @@ async def test_buffer_timeout_flushes_by_timer_without_new_points(autojump_clock
 
 # -- helpers for tests against the real server --
 
-import logging  # noqa: E402
-import ssl  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import msgspec  # noqa: E402
-import pytest  # noqa: E402
-import trustme  # noqa: E402
-
-from agent.model import MetricDef, MetricRegistry  # noqa: E402
-from agent.plugin import StartContext  # noqa: E402
-from agent.testing import CollectingOutput, source_element  # noqa: E402
-from agent_plugins.relay_client.plugin import RelayClientConfig, RelayClientPlugin, build_client_ssl_context  # noqa: E402
-from agent_plugins.relay_client.records import encode_records  # noqa: E402
-from agent_plugins.relay_protocol import Reject, batch_from_wire  # noqa: E402
-from agent_plugins.relay_server.security import build_server_ssl_context  # noqa: E402
-from agent_plugins.relay_server.server import RelayServer, ServerSettings  # noqa: E402
-
 
 async def start_server(nursery, settings: ServerSettings | None = None, ssl_context=None, output=None):
     server = RelayServer(settings or ServerSettings(address="127.0.0.1:0"), MetricRegistry(), ssl_context)
@@ -191,15 +197,15 @@ async def test_reconnection_delays_follow_the_config_and_an_outage_is_logged(aut
     delays: list[float] = []
     client.on_retry_delay = delays.append
     async with trio.open_nursery() as nursery:
-        pipeline = await start_client(nursery, client)
+        await start_client(nursery, client)
         while len(attempts) < 7:
             await trio.sleep(1)
         nursery.cancel_scope.cancel()
     # Doubling from initial_delay, each drawn in [d/2, d]; after max_times failures, max_delay (jittered).
-    for delay, (low, high) in zip(delays, [(0.05, 0.1), (0.1, 0.2), (0.2, 0.4), (5, 10), (5, 10), (5, 10)]):
+    for delay, (low, high) in zip(delays, [(0.05, 0.1), (0.1, 0.2), (0.2, 0.4), (5, 10), (5, 10), (5, 10)], strict=False):
         assert low <= delay <= high
     # The clock agrees: each attempt came after the announced delay.
-    assert [round(b - a, 6) for a, b in zip(attempts, attempts[1:])] == [round(d, 6) for d in delays[:6]]
+    assert [round(b - a, 6) for a, b in zip(attempts, attempts[1:], strict=False)] == [round(d, 6) for d in delays[:6]]
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
     assert [w for w in warnings if "cannot reach relay.invalid:50051: Connection refused" in w] == [
@@ -232,7 +238,7 @@ async def test_a_version_reject_is_logged_with_both_versions_and_retried_at_max_
         while len(attempts) < 4:
             await trio.sleep(0.5)
         nursery.cancel_scope.cancel()
-    assert all(2.0 <= b - a <= 4.0 for a, b in zip(attempts, attempts[1:]))
+    assert all(2.0 <= b - a <= 4.0 for a, b in zip(attempts, attempts[1:], strict=False))
     [line] = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]  # logged once, not per retry
     assert "rejected our protocol version: the server speaks protocol 7 (agent 9.0.0), we speak protocol 1" in line
     assert "retrying every 4s" in line
@@ -339,7 +345,7 @@ async def test_a_wrong_token_is_refused_with_clear_messages_on_both_sides(caplog
                 nursery, ServerSettings(address="127.0.0.1:0", token="right")
             )
             client = RelayClient(settings(relay_server=server.bound_addresses[0], token="wrong"), memory_store())
-            pipeline = await start_client(nursery, client)
+            await start_client(nursery, client)
             while server.counters.rejected < 1:
                 await trio.sleep(0.01)
             good = RelayClient(settings(client_name="good", relay_server=server.bound_addresses[0], token="right", buffer_timeout=0.01), memory_store())
@@ -506,15 +512,11 @@ def test_large_batches_are_split_into_frames_that_fit() -> None:
     messages = [m for frame in encoded.frames for m in decoder.feed(frame)]
     assert [m.seq for m in messages] == list(range(7, 7 + len(encoded.frames)))
     names = {0: "m0", 1: "m1", 2: "m2"}
-    points = [(s.metric, s.attributes["i"], t, v) for m in messages for s in batch_from_wire(m, names).series for t, v in zip(s.timestamps, s.values)]
-    assert points == [(s.metric, s.attributes["i"], t, v) for s in series for t, v in zip(s.timestamps, s.values)]
+    points = [(s.metric, s.attributes["i"], t, v) for m in messages for s in batch_from_wire(m, names).series for t, v in zip(s.timestamps, s.values, strict=True)]
+    assert points == [(s.metric, s.attributes["i"], t, v) for s in series for t, v in zip(s.timestamps, s.values, strict=True)]
 
 
-def test_the_plugin_checks_its_config_at_start(tmp_path, monkeypatch) -> None:
-    import socket
-
-    from agent.config import ConfigError, convert_section
-
+def test_the_plugin_checks_its_config_at_start(tmp_path) -> None:
     ctx = StartContext("relay-client", MetricRegistry(), tmp_path, None)
     RelayClientPlugin().start(ctx, RelayClientConfig(client_name=""))
     [element] = ctx.elements

@@ -4,6 +4,7 @@ import tracemalloc
 
 import msgspec
 import pytest
+
 from agent_plugins.relay_protocol import (
     DEFAULT_MAX_FRAME_SIZE,
     Ack,

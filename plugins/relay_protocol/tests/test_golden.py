@@ -7,6 +7,8 @@ bytes must still decode (as test_messages.py checks for `Hello.token`).
 
 import msgspec
 import pytest
+
+from agent.model import Consumer, MetricDef, Resource
 from agent_plugins.relay_protocol import (
     Accept,
     Ack,
@@ -22,8 +24,6 @@ from agent_plugins.relay_protocol import (
     Reject,
     WireSeries,
 )
-
-from agent.model import Consumer, MetricDef, Resource
 
 T0 = 1_700_000_000_000_000_000
 

@@ -2,6 +2,8 @@
 
 import msgspec
 import pytest
+
+from agent.model import LOCAL_MACHINE, LOCAL_MACHINE_CONSUMER, Batch, Consumer, Resource, Series
 from agent_plugins.relay_protocol import (
     Ack,
     BatchMessage,
@@ -17,8 +19,6 @@ from agent_plugins.relay_protocol import (
     batch_from_wire,
     batch_to_wire,
 )
-
-from agent.model import LOCAL_MACHINE, LOCAL_MACHINE_CONSUMER, Batch, Consumer, Resource, Series
 
 T0 = 1_700_000_000_000_000_000
 

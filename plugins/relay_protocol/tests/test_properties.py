@@ -8,6 +8,10 @@ maximum frame size.
 import tracemalloc
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from agent.model import Consumer, MetricDef, Resource
 from agent_plugins.relay_protocol import (
     FRAME_SIZE_LIMIT,
     Accept,
@@ -28,10 +32,6 @@ from agent_plugins.relay_protocol import (
     ServerMessage,
     WireSeries,
 )
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
-
-from agent.model import Consumer, MetricDef, Resource
 
 INT64 = st.integers(-(2**63), 2**63 - 1)
 U63 = st.integers(0, 2**63 - 1)

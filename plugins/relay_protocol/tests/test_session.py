@@ -4,11 +4,12 @@ HOST:PORT parsing. Pure code."""
 from __future__ import annotations
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
 from agent_plugins.relay_protocol import Accept
 from agent_plugins.relay_protocol.address import AddressError, format_address, parse_address
 from agent_plugins.relay_protocol.session import SendWindow, plan_resume
-from hypothesis import given
-from hypothesis import strategies as st
 
 
 def accept(acked: int, received: int) -> Accept:

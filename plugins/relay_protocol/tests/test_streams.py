@@ -6,9 +6,10 @@ from __future__ import annotations
 import random
 
 import pytest
-from agent_plugins.relay_protocol.streams import StreamState, StreamTable, Verdict
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
+from agent_plugins.relay_protocol.streams import StreamState, StreamTable, Verdict
 
 
 def test_new_batches_are_forwarded_and_resent_ones_are_not() -> None:

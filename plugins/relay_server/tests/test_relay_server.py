@@ -14,7 +14,7 @@ import trio
 import trio.testing
 
 from agent.model import LOCAL_MACHINE, LOCAL_MACHINE_CONSUMER, MetricDef, MetricRegistry
-from agent.pipeline import Pipeline, StartupError
+from agent.pipeline import Pipeline
 from agent.testing import CollectingOutput, output_element, partial_run, source_element
 from agent_plugins.relay_protocol import (
     PROTOCOL_VERSION,
