@@ -15,6 +15,7 @@ from typing import Literal
 import msgspec
 
 from agent import Duration, OutputConfig, Plugin, Size, StartContext, hookimpl
+from agent.units import format_size
 from agent_plugins.relay_protocol.address import parse_address
 from agent_plugins.relay_protocol.framing import FRAME_SIZE_LIMIT
 
@@ -153,7 +154,7 @@ class RelayClientPlugin(Plugin):
                 Path(config.disk_buffer_path).expanduser() if config.disk_buffer_path else ctx.plugin_data_dir()
             )
             buffer = DiskBuffer(directory, int(config.disk_buffer_max_size), config.disk_buffer_fsync)
-            ctx.logger.info("disk buffer in %s (at most %s)", directory, config.disk_buffer_max_size)
+            ctx.logger.info("disk buffer in %s (at most %s)", directory, format_size(config.disk_buffer_max_size))
         else:
             buffer = MemoryBuffer(int(config.memory_buffer_max_size))
         client = RelayClient(settings_from_config(config), buffer, registry=ctx.registry, ssl_context=ssl_context)

@@ -1,0 +1,452 @@
+"""The relay end to end: real client and server agents, over real sockets.
+
+In-process pipelines where the test needs to reach inside (a TCP proxy it cuts mid-stream, a
+three-level tier), and real `python -m agent.cli` processes where the point is what survives a kill:
+a server killed with SIGKILL and restarted mid-stream, a client killed with SIGKILL while the server is
+down, a client stopped with SIGTERM with points still in its buffer. Process tests wait on conditions
+(files, log lines) with deadlines, not on fixed sleeps.
+"""
+
+from __future__ import annotations
+
+import csv
+import itertools
+import os
+import signal
+import socket
+import subprocess
+import sys
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+
+import trio
+
+from agent.model import MetricDef, MetricRegistry
+from agent.pipeline import Pipeline
+from agent.plugin import AutonomousSource, SourceSink
+from agent.testing import (
+    CollectingOutput,
+    make_batch,
+    make_series,
+    output_element,
+    partial_run,
+    source_element,
+)
+from agent_plugins.relay_client.client import ClientSettings, RelayClient
+from agent_plugins.relay_client.store import DiskBuffer
+from agent_plugins.relay_server.server import RelayServer, ServerSettings
+
+# -- in process --
+
+
+class CuttableProxy:
+    """Forwards TCP connections to `target`; `cut()` breaks every live one, as a network failure would."""
+
+    def __init__(self, target: str) -> None:
+        host, port = target.rsplit(":", 1)
+        self.target = (host, int(port))
+        self.cuts = 0
+        self._live: list[trio.CancelScope] = []
+
+    async def serve(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        task_status.started(f"127.0.0.1:{listeners[0].socket.getsockname()[1]}")
+        await trio.serve_listeners(self._handle, listeners)
+
+    def cut(self) -> None:
+        self.cuts += 1
+        for scope in self._live:
+            scope.cancel()
+        self._live.clear()
+
+    async def _handle(self, downstream: trio.SocketStream) -> None:
+        with trio.CancelScope() as scope:
+            self._live.append(scope)
+            try:
+                upstream = await trio.open_tcp_stream(*self.target)
+            except OSError:
+                return
+            async with upstream, downstream, trio.open_nursery() as nursery:
+                nursery.start_soon(self._pump, downstream, upstream, nursery.cancel_scope)
+                nursery.start_soon(self._pump, upstream, downstream, nursery.cancel_scope)
+        # Cut or closed: both sockets are closed without ceremony, mid-frame if need be.
+
+    @staticmethod
+    async def _pump(source: trio.SocketStream, sink: trio.SocketStream, scope: trio.CancelScope) -> None:
+        try:
+            while data := await source.receive_some(65536):
+                await sink.send_all(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        scope.cancel()
+
+
+class NumberedSource(AutonomousSource):
+    """Sends `batches` batches of `points` points, every value distinct, at a steady pace."""
+
+    def __init__(self, batches: int, points: int, metric: str = "e2e_value", pause: float = 0.001) -> None:
+        self.batches, self.points, self.metric, self.pause = batches, points, metric, pause
+        self.sent: list[float] = []
+
+    async def run(self, sink: SourceSink, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        counter = itertools.count()
+        for _ in range(self.batches):
+            values = [float(next(counter)) for _ in range(self.points)]
+            self.sent += values
+            await sink.send(make_batch(make_series(self.metric, values)))
+            await trio.sleep(self.pause)
+        await trio.sleep_forever()
+
+
+def relay_client(name: str, server: str, buffer_dir: Path, registry: MetricRegistry | None = None, **settings) -> RelayClient:
+    options = {"buffer_max_length": 50, "buffer_timeout": 0.01, "initial_delay": 0.01, "max_delay": 0.05, **settings}
+    return RelayClient(ClientSettings(name, server, **options), DiskBuffer(buffer_dir, 1 << 26), registry=registry)
+
+
+async def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
+    with trio.move_on_after(timeout):
+        while not condition():
+            await trio.sleep(0.01)
+        return
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+async def test_connections_cut_mid_stream_lose_nothing_and_duplicate_nothing(tmp_path) -> None:
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            server = RelayServer(ServerSettings(address="127.0.0.1:0"), MetricRegistry())
+            # A slow output: batches wait in the server's pipeline, unacknowledged, when a cut comes.
+            received = CollectingOutput(delay=0.01)
+            server_pipeline = Pipeline([source_element(server, "relay-server"), output_element(received, "out")])
+            await nursery.start(partial_run(server_pipeline, 5.0))
+            proxy = CuttableProxy(server.bound_addresses[0])
+            proxy_address = await nursery.start(proxy.serve)
+
+            source = NumberedSource(batches=400, points=10)
+            client = relay_client("node-1", proxy_address, tmp_path, max_in_flight=8)
+            client_pipeline = Pipeline([source_element(source, "numbers"), output_element(client, "relay-client")])
+            await nursery.start(partial_run(client_pipeline, 5.0))
+
+            total = 400 * 10
+            for cut in range(1, 7):
+                await wait_for(lambda c=cut: received.points >= c * total // 8, 20, f"point {cut * total // 8}")
+                proxy.cut()
+            await wait_for(lambda: received.points >= total, 20, f"{total} points")
+            await trio.sleep(0.2)  # anything extra (a duplicate) would come now
+            client_pipeline.stop()
+            server_pipeline.stop()
+            nursery.cancel_scope.cancel()
+    values = received.values("e2e_value")
+    assert proxy.cuts == 6 and client.counters.connections >= 7
+    assert Counter(values) == Counter(source.sent)  # every point, once
+    assert server.counters.duplicate_batches > 0  # the cuts did make the client resend
+
+
+async def test_a_tier_of_relays_keeps_the_node_names_and_the_metric_definitions(tmp_path) -> None:
+    """nodes -> rack relay (relay-server and relay-client in one agent) -> central collector."""
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            central_registry = MetricRegistry()
+            central = RelayServer(ServerSettings(address="127.0.0.1:0"), central_registry)
+            collected = CollectingOutput()
+            central_pipeline = Pipeline([source_element(central, "relay-server"), output_element(collected, "out")])
+            await nursery.start(partial_run(central_pipeline, 5.0))
+
+            rack_registry = MetricRegistry()
+            rack_server = RelayServer(ServerSettings(address="127.0.0.1:0"), rack_registry)
+            rack_client = relay_client("rack-1", central.bound_addresses[0], tmp_path / "rack", rack_registry)
+            rack_pipeline = Pipeline([source_element(rack_server, "relay-server"), output_element(rack_client, "relay-client")])
+            await nursery.start(partial_run(rack_pipeline, 5.0))
+
+            node_pipelines = []
+            for node in ("node-a", "node-b"):
+                registry = MetricRegistry()
+                registry.register(MetricDef("energy", "J", "int", "energy counter"))
+                pipeline = Pipeline([output_element(relay_client(node, rack_server.bound_addresses[0], tmp_path / node, registry), "relay-client")])
+                await nursery.start(partial_run(pipeline, 5.0))
+                node_pipelines.append(pipeline)
+            await node_pipelines[0].sink().send(make_batch(make_series("energy", [1, 2])))
+            await node_pipelines[1].sink().send(make_batch(make_series("energy", [3])))
+            await wait_for(lambda: collected.points >= 3, 20, "3 points at the central collector")
+            for pipeline in (*node_pipelines, rack_pipeline, central_pipeline):
+                pipeline.stop()
+    by_node = {s.attributes["relay_client"]: s.values for b in collected.batches for s in b.series}
+    assert by_node == {"node-a": [1, 2], "node-b": [3]}
+    assert central_registry.get("energy") == MetricDef("energy", "J", "int", "energy counter")
+
+
+# -- real agent processes --
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class AgentProcess:
+    """`python -m agent.cli --config FILE`, its stderr in a file."""
+
+    def __init__(self, config: Path, name: str, *extra: str) -> None:
+        self.log_path = config.parent / f"{name}.log"
+        self._log = self.log_path.open("ab")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "agent.cli", "--config", str(config), *extra],
+            stdout=subprocess.DEVNULL,
+            stderr=self._log,
+            cwd=config.parent,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def signal(self, signum: int) -> None:
+        self.process.send_signal(signum)
+
+    async def wait(self, timeout: float) -> int:
+        with trio.move_on_after(timeout):
+            while self.process.poll() is None:
+                await trio.sleep(0.02)
+        if self.process.poll() is None:
+            self.process.kill()
+            raise AssertionError(f"the agent did not exit within {timeout}s; its log:\n{self.log()[-3000:]}")
+        self._log.close()
+        return self.process.returncode
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+        self._log.close()
+
+
+async def until(condition: Callable[[], bool], timeout: float, what: str, *agents: AgentProcess) -> None:
+    with trio.move_on_after(timeout):
+        while not condition():
+            for agent in agents:
+                if agent.process.poll() is not None:
+                    raise AssertionError(f"an agent exited ({agent.process.returncode}) while waiting for {what}:\n{agent.log()[-3000:]}")
+            await trio.sleep(0.02)
+        return
+    logs = "\n".join(f"--- {a.log_path.name}\n{a.log()[-2000:]}" for a in agents)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}\n{logs}")
+
+
+def listening(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+            return True
+    except OSError:
+        return False
+
+
+def csv_points(path: Path) -> list[tuple[str, float, str]]:
+    """(metric, value, attributes) of each well-formed row; a row torn by a SIGKILL is skipped."""
+    if not path.exists():
+        return []
+    rows = []
+    with path.open(newline="") as handle:
+        for row in csv.reader(handle, delimiter=";"):
+            if len(row) != 8 or row[0] == "metric":
+                continue
+            try:
+                rows.append((row[0], float(row[2]), row[7]))
+            except ValueError:
+                continue
+    return rows
+
+
+def server_config(directory: Path, port: int) -> Path:
+    path = directory / "server.toml"
+    path.write_text(
+        f"""
+[agent]
+data_dir = "{directory / 'server-data'}"
+self_metrics_interval = "0s"
+grace_period = "5s"
+
+[plugins.relay-server]
+address = "127.0.0.1:{port}"
+heartbeat_interval = "1s"
+
+[plugins.csv]
+path = "{directory / 'server.csv'}"
+flush_interval = "0s"
+"""
+    )
+    return path
+
+
+def client_config(directory: Path, server_port: int, body: str) -> Path:
+    path = directory / "client.toml"
+    path.write_text(
+        f"""
+[agent]
+data_dir = "{directory / 'client-data'}"
+self_metrics_interval = "0s"
+grace_period = "5s"
+
+[plugins.relay-client]
+client_name = "node-1"
+relay_server = "127.0.0.1:{server_port}"
+buffer_max_length = 100
+buffer_timeout = "50ms"
+max_in_flight = 8
+
+[plugins.relay-client.retry]
+initial_delay = "50ms"
+max_delay = "200ms"
+{body}
+"""
+    )
+    return path
+
+
+async def send_graphite_lines(port: int, lines: list[str], per_write: int, pause: float) -> None:
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    async with stream:
+        for start in range(0, len(lines), per_write):
+            await stream.send_all("".join(lines[start : start + per_write]).encode())
+            await trio.sleep(pause)
+
+
+async def test_a_server_killed_mid_stream_loses_nothing(tmp_path) -> None:
+    """graphite-in on the client, csv on the server: the server is SIGKILLed while points flow, then
+    restarted. Every point arrives; the only duplicates are of batches in flight at the kill."""
+    server_port, graphite_port = free_port(), free_port()
+    server_toml = server_config(tmp_path, server_port)
+    client_toml = client_config(
+        tmp_path,
+        server_port,
+        f"""
+[plugins.graphite-in]
+plaintext = "127.0.0.1:{graphite_port}"
+pickle = ""
+""",
+    )
+    count, per_write = 20_000, 200
+    lines = [f"e2e.m{i % 7} {i} 1700000000\n" for i in range(count)]
+    server = AgentProcess(server_toml, "server")
+    client = None
+    try:
+        with trio.fail_after(60):
+            await until(lambda: listening(server_port), 10, "the server to listen", server)
+            client = AgentProcess(client_toml, "client")
+            await until(lambda: listening(graphite_port), 10, "the client's graphite-in", client)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(send_graphite_lines, graphite_port, lines, per_write, 0.02)
+                await until(lambda: len(csv_points(tmp_path / "server.csv")) >= count // 3, 20, "a third of the points", server, client)
+                server.signal(signal.SIGKILL)
+                await server.wait(5)
+            server = AgentProcess(server_toml, "server")
+            await until(lambda: len({v for _, v, _ in csv_points(tmp_path / "server.csv")}) >= count, 30, "every point", server, client)
+            client.signal(signal.SIGTERM)
+            assert await client.wait(10) == 0
+            server.signal(signal.SIGTERM)
+            assert await server.wait(10) == 0
+    finally:
+        server.stop()
+        if client is not None:
+            client.stop()
+    points = csv_points(tmp_path / "server.csv")
+    values = Counter(v for _, v, _ in points)
+    assert set(values) == set(range(count))
+    assert all(attributes == "relay_client=node-1" for _, _, attributes in points)
+    assert {(m, v) for m, v, _ in points} == {(f"e2e.m{i % 7}", float(i)) for i in range(count)}
+    duplicates = sum(n - 1 for n in values.values())
+    # At most the window: max_in_flight batches of at most one write of lines each.
+    assert duplicates <= 8 * per_write, f"{duplicates} duplicates"
+    assert max(values.values()) <= 2
+
+
+async def test_a_client_killed_while_the_server_is_down_delivers_its_disk_buffer_after_both_restart(tmp_path) -> None:
+    server_port = free_port()
+    count = 3000
+    client_toml = client_config(
+        tmp_path,
+        server_port,
+        f"""
+[plugins.synthetic]
+series = 3
+points_per_batch = 300
+rate = 30000.0
+total_points = {count}
+metric_prefix = "kill"
+
+[plugins.csv]
+path = "{tmp_path / 'client.csv'}"
+flush_interval = "0s"
+""",
+    )
+    client = AgentProcess(client_toml, "client", "--log-level", "debug")
+    server = None
+    try:
+        with trio.fail_after(60):
+            # The server is down: every point goes to the client's disk buffer, then the client dies.
+            await until(lambda: f"{count} points buffered since start" in client.log(), 20, "the disk buffer", client)
+            client.signal(signal.SIGKILL)
+            await client.wait(5)
+            server = AgentProcess(server_config(tmp_path, server_port), "server")
+            await until(lambda: listening(server_port), 10, "the server to listen", server)
+            # Restarted without its source: it only delivers what its disk buffer holds.
+            client_config(tmp_path, server_port, "")
+            client = AgentProcess(client_toml, "client")
+            await until(lambda: len(csv_points(tmp_path / "server.csv")) >= count, 20, "every buffered point", server, client)
+            client.signal(signal.SIGTERM)
+            assert await client.wait(10) == 0
+            server.signal(signal.SIGTERM)
+            assert await server.wait(10) == 0
+    finally:
+        client.stop()
+        if server is not None:
+            server.stop()
+    generated = Counter((m, v) for m, v, _ in csv_points(tmp_path / "client.csv"))
+    delivered = Counter((m, v) for m, v, _ in csv_points(tmp_path / "server.csv"))
+    assert sum(generated.values()) == count
+    # synthetic values repeat across batches, so compare as multisets: exactly what was generated.
+    assert delivered == generated
+
+
+async def test_sigterm_flushes_what_the_client_buffered(tmp_path) -> None:
+    """buffer_timeout is an hour: the points wait in the client's buffer until SIGTERM sends them."""
+    server_port = free_port()
+    count = 500
+    client_toml = client_config(
+        tmp_path,
+        server_port,
+        f"""
+[plugins.synthetic]
+series = 5
+points_per_batch = 50
+total_points = {count}
+
+[plugins.csv]
+path = "{tmp_path / 'client.csv'}"
+flush_interval = "0s"
+""",
+    )
+    text = client_toml.read_text().replace('buffer_timeout = "50ms"', 'buffer_timeout = "1h"').replace(
+        "buffer_max_length = 100", "buffer_max_length = 100000"
+    )
+    client_toml.write_text(text)
+    server = AgentProcess(server_config(tmp_path, server_port), "server")
+    client = None
+    try:
+        with trio.fail_after(60):
+            await until(lambda: listening(server_port), 10, "the server to listen", server)
+            client = AgentProcess(client_toml, "client")
+            await until(lambda: len(csv_points(tmp_path / "client.csv")) >= count, 20, "the points in the client", client)
+            assert csv_points(tmp_path / "server.csv") == []  # still in the client's buffer
+            client.signal(signal.SIGTERM)
+            assert await client.wait(10) == 0
+            # The client exits only once the server acknowledged: the points are written by then.
+            assert len(csv_points(tmp_path / "server.csv")) == count
+            server.signal(signal.SIGTERM)
+            assert await server.wait(10) == 0
+    finally:
+        server.stop()
+        if client is not None:
+            client.stop()
