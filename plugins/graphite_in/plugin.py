@@ -16,7 +16,7 @@ from agent_plugins.graphite_protocol.pickle_codec import DEFAULT_MAX_FRAME_BYTES
 from agent_plugins.graphite_protocol.plaintext import DEFAULT_MAX_LINE_LENGTH, ValidationLevel
 from agent_plugins.relay_protocol.address import AddressError, parse_address
 
-from .listeners import LISTENERS, GraphiteInput, ListenerSettings
+from .listeners import LISTENERS, READ_SIZE, GraphiteInput, ListenerSettings
 
 
 class GraphiteInConfig(PluginConfig, kw_only=True):
@@ -32,6 +32,8 @@ class GraphiteInConfig(PluginConfig, kw_only=True):
     max_connections: Annotated[int, Meta(ge=1)] = 10_000
     idle_timeout: Duration = Duration(0.0)
     recent_bad_lines: Annotated[int, Meta(ge=1)] = 100
+    read_size: Size = Size(READ_SIZE)
+    reuse_port: bool = False
 
     def __post_init__(self) -> None:
         for name in LISTENERS:
@@ -47,6 +49,8 @@ class GraphiteInConfig(PluginConfig, kw_only=True):
             raise ValueError(
                 f"max_pickle_frame_size: must be at least 1KiB, got {int(self.max_pickle_frame_size)} bytes"
             )
+        if not 4096 <= self.read_size <= 16 << 20:
+            raise ValueError(f"read_size: must be between 4KiB and 16MiB, got {int(self.read_size)} bytes")
         if self.idle_timeout < 0:
             raise ValueError(f"idle_timeout: must not be negative, got {self.idle_timeout!r}")
 
@@ -63,6 +67,8 @@ def settings_from_config(config: GraphiteInConfig) -> ListenerSettings:
         max_connections=config.max_connections,
         idle_timeout=float(config.idle_timeout),
         recent_bad_lines=config.recent_bad_lines,
+        read_size=int(config.read_size),
+        reuse_port=config.reuse_port,
     )
 
 

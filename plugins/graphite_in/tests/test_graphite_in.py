@@ -412,3 +412,25 @@ def test_the_plugin_adds_one_source_with_the_configured_settings(tmp_path: Any) 
     from agent_plugins.graphite_protocol.badlines import find_recent_bad_lines
 
     assert find_recent_bad_lines(ctx.elements) == [element.obj.recent_bad_lines]
+
+
+async def test_reuse_port_lets_two_inputs_share_the_ports() -> None:
+    with trio.fail_after(20):
+        async with running_input(reuse_port=True, pickle="") as (first, first_output):
+            ports = {name: port(first, name) for name in ("plaintext", "udp")}
+            async with running_input(
+                reuse_port=True,
+                plaintext=f"127.0.0.1:{ports['plaintext']}",
+                udp=f"127.0.0.1:{ports['udp']}",
+                pickle="",
+            ) as (second, second_output):
+                assert second.bound == first.bound
+                # The kernel spreads connections over both (by a hash of the addresses): with 40, both
+                # get some unless the odds of 2**-39 strike.
+                for number in range(40):
+                    await send_and_close(first, f"shared.{number} 1 1700000000\n".encode())
+                while first_output.points + second_output.points < 40:
+                    await trio.sleep(0.01)
+                assert first_output.points > 0 and second_output.points > 0
+    names = {n for n, *_ in points(first_output)} | {n for n, *_ in points(second_output)}
+    assert names == {f"shared.{number}" for number in range(40)}

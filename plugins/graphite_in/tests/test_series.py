@@ -94,7 +94,7 @@ def test_where_tcp_cuts_the_stream_never_changes_the_points(
         previous = cut
 
     async def main() -> _ListSink:
-        source = GraphiteInput(ListenerSettings(receive_size=64))
+        source = GraphiteInput(ListenerSettings(read_size=64))
         sink = _ListSink()
         client, server = trio.testing.memory_stream_pair()
         async with trio.open_nursery() as nursery:
