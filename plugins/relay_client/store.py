@@ -34,6 +34,10 @@ from agent.model import MetricDef, MetricRegistry, Series
 log = logging.getLogger(__name__)
 
 STREAM_FILE = "stream.msgpack"
+#: Segments of the disk buffer. Larger than the durable log's default: a segment roll syncs the old
+#: segment, and at millions of points per second 8 MiB segments roll several times a second. (The
+#: log caps them at a quarter of max_bytes, so a small buffer still drops a quarter at most.)
+SEGMENT_BYTES = 64 * 1024 * 1024
 LOG_DIRECTORY = "log"
 _FORMAT_VERSION = 1
 
@@ -71,9 +75,11 @@ class BatchStore:
     # -- opening --
 
     @classmethod
-    def open_disk(cls, directory: Path, *, max_bytes: int, fsync: FsyncPolicy = "interval") -> BatchStore:
+    def open_disk(
+        cls, directory: Path, *, max_bytes: int, fsync: FsyncPolicy = "interval", segment_bytes: int = SEGMENT_BYTES
+    ) -> BatchStore:
         directory.mkdir(parents=True, exist_ok=True)
-        durable_log = DurableLog(directory / LOG_DIRECTORY, max_bytes=max_bytes, fsync=fsync)
+        durable_log = DurableLog(directory / LOG_DIRECTORY, max_bytes=max_bytes, fsync=fsync, segment_bytes=segment_bytes)
         try:
             saved = _read_stream_file(directory / STREAM_FILE)
             pending = durable_log.pending_records
@@ -159,10 +165,13 @@ class DiskBuffer:
     directory: Path
     max_bytes: int
     fsync: FsyncPolicy = "interval"
+    segment_bytes: int = SEGMENT_BYTES
     durable: ClassVar[bool] = True
 
     def open(self) -> BatchStore:
-        return BatchStore.open_disk(self.directory, max_bytes=self.max_bytes, fsync=self.fsync)
+        return BatchStore.open_disk(
+            self.directory, max_bytes=self.max_bytes, fsync=self.fsync, segment_bytes=self.segment_bytes
+        )
 
 
 @dataclass(frozen=True)
