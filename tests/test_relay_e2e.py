@@ -22,9 +22,13 @@ from pathlib import Path
 
 import trio
 
+from agent import config as config_mod
+from agent.config import Overrides
+from agent.manager import build_plugin_manager, collect_plugins
 from agent.model import MetricDef, MetricRegistry
 from agent.pipeline import Pipeline
 from agent.plugin import AutonomousSource, SourceSink
+from agent.runtime import Agent
 from agent.testing import (
     CollectingOutput,
     make_batch,
@@ -154,11 +158,23 @@ async def test_a_tier_of_relays_keeps_the_node_names_and_the_metric_definitions(
             central_pipeline = Pipeline([source_element(central, "relay-server"), output_element(collected, "out")])
             await nursery.start(partial_run(central_pipeline, 5.0))
 
-            rack_registry = MetricRegistry()
-            rack_server = RelayServer(ServerSettings(address="127.0.0.1:0"), rack_registry)
-            rack_client = relay_client("rack-1", central.bound_addresses[0], tmp_path / "rack", rack_registry)
-            rack_pipeline = Pipeline([source_element(rack_server, "relay-server"), output_element(rack_client, "relay-client")])
-            await nursery.start(partial_run(rack_pipeline, 5.0))
+            # The rack relay is one agent with both plugins, as `agent --relay-in ... --relay-out ...` starts it.
+            pm = build_plugin_manager()
+            plugins = collect_plugins(pm)
+            rack_config = config_mod.resolve(
+                {
+                    "agent": {"data_dir": str(tmp_path / "rack"), "self_metrics_interval": "0s"},
+                    "plugins": {"relay-client": {"client_name": "rack-1", "buffer_timeout": "10ms"}},
+                },
+                plugins,
+                path=None,
+                overrides=Overrides(relay_in="127.0.0.1:0", relay_out=central.bound_addresses[0]),
+            )
+            rack = Agent(rack_config, plugins, pm)
+            rack.start_plugins()
+            await nursery.start(lambda task_status: rack.run(handle_signals=False, task_status=task_status))
+            rack_server = next(e.obj for e in rack.elements if e.plugin == "relay-server")
+            assert sorted(rack.started) == ["relay-client", "relay-server"]
 
             node_pipelines = []
             for node in ("node-a", "node-b"):
@@ -170,8 +186,9 @@ async def test_a_tier_of_relays_keeps_the_node_names_and_the_metric_definitions(
             await node_pipelines[0].sink().send(make_batch(make_series("energy", [1, 2])))
             await node_pipelines[1].sink().send(make_batch(make_series("energy", [3])))
             await wait_for(lambda: collected.points >= 3, 20, "3 points at the central collector")
-            for pipeline in (*node_pipelines, rack_pipeline, central_pipeline):
+            for pipeline in (*node_pipelines, central_pipeline):
                 pipeline.stop()
+            rack.stop()
     by_node = {s.attributes["relay_client"]: s.values for b in collected.batches for s in b.series}
     assert by_node == {"node-a": [1, 2], "node-b": [3]}
     assert central_registry.get("energy") == MetricDef("energy", "J", "int", "energy counter")
