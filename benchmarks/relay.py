@@ -99,9 +99,18 @@ async def measure_raw(points: int, args: argparse.Namespace) -> float:
     async with trio.open_nursery() as nursery:
         nursery.start_soon(trio.serve_listeners, serve, listeners)
         command = [
-            sys.executable, __file__, "--raw-sender", str(port), "--batches", str(batches),
-            "--series", str(args.series), "--points-per-batch", str(args.points_per_batch),
-            "--buffer-max-length", str(args.buffer_max_length),
+            sys.executable,
+            __file__,
+            "--raw-sender",
+            str(port),
+            "--batches",
+            str(batches),
+            "--series",
+            str(args.series),
+            "--points-per-batch",
+            str(args.points_per_batch),
+            "--buffer-max-length",
+            str(args.buffer_max_length),
         ]
         process = await trio.lowlevel.open_process(command)
         with trio.fail_after(300):
@@ -142,7 +151,11 @@ async def measure_end_to_end(points: int, args: argparse.Namespace, workdir: Pat
     pm = build_plugin_manager()
     plugins = collect_plugins(pm)
     document = {
-        "agent": {"data_dir": str(workdir / "server-data"), "self_metrics_interval": "0s", "log_level": "warning"},
+        "agent": {
+            "data_dir": str(workdir / "server-data"),
+            "self_metrics_interval": "0s",
+            "log_level": "warning",
+        },
         "plugins": {
             "relay-server": {"address": "127.0.0.1:0"},
             "discard": {"queue_max_points": 4_000_000, "overflow": "block"},
@@ -175,7 +188,9 @@ async def measure_end_to_end(points: int, args: argparse.Namespace, workdir: Pat
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--points", type=int, default=20_000_000)
     parser.add_argument("--series", type=int, default=10)
     parser.add_argument("--points-per-batch", type=int, default=10_000)

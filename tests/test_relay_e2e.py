@@ -104,9 +104,19 @@ class NumberedSource(AutonomousSource):
         await trio.sleep_forever()
 
 
-def relay_client(name: str, server: str, buffer_dir: Path, registry: MetricRegistry | None = None, **settings) -> RelayClient:
-    options = {"buffer_max_length": 50, "buffer_timeout": 0.01, "initial_delay": 0.01, "max_delay": 0.05, **settings}
-    return RelayClient(ClientSettings(name, server, **options), DiskBuffer(buffer_dir, 1 << 26), registry=registry)
+def relay_client(
+    name: str, server: str, buffer_dir: Path, registry: MetricRegistry | None = None, **settings
+) -> RelayClient:
+    options = {
+        "buffer_max_length": 50,
+        "buffer_timeout": 0.01,
+        "initial_delay": 0.01,
+        "max_delay": 0.05,
+        **settings,
+    }
+    return RelayClient(
+        ClientSettings(name, server, **options), DiskBuffer(buffer_dir, 1 << 26), registry=registry
+    )
 
 
 async def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
@@ -123,19 +133,25 @@ async def test_connections_cut_mid_stream_lose_nothing_and_duplicate_nothing(tmp
             server = RelayServer(ServerSettings(address="127.0.0.1:0"), MetricRegistry())
             # A slow output: batches wait in the server's pipeline, unacknowledged, when a cut comes.
             received = CollectingOutput(delay=0.01)
-            server_pipeline = Pipeline([source_element(server, "relay-server"), output_element(received, "out")])
+            server_pipeline = Pipeline(
+                [source_element(server, "relay-server"), output_element(received, "out")]
+            )
             await nursery.start(partial_run(server_pipeline, 5.0))
             proxy = CuttableProxy(server.bound_addresses[0])
             proxy_address = await nursery.start(proxy.serve)
 
             source = NumberedSource(batches=400, points=10)
             client = relay_client("node-1", proxy_address, tmp_path, max_in_flight=8)
-            client_pipeline = Pipeline([source_element(source, "numbers"), output_element(client, "relay-client")])
+            client_pipeline = Pipeline(
+                [source_element(source, "numbers"), output_element(client, "relay-client")]
+            )
             await nursery.start(partial_run(client_pipeline, 5.0))
 
             total = 400 * 10
             for cut in range(1, 7):
-                await wait_for(lambda c=cut: received.points >= c * total // 8, 20, f"point {cut * total // 8}")
+                await wait_for(
+                    lambda c=cut: received.points >= c * total // 8, 20, f"point {cut * total // 8}"
+                )
                 proxy.cut()
             await wait_for(lambda: received.points >= total, 20, f"{total} points")
             await trio.sleep(0.2)  # anything extra (a duplicate) would come now
@@ -155,7 +171,9 @@ async def test_a_tier_of_relays_keeps_the_node_names_and_the_metric_definitions(
             central_registry = MetricRegistry()
             central = RelayServer(ServerSettings(address="127.0.0.1:0"), central_registry)
             collected = CollectingOutput()
-            central_pipeline = Pipeline([source_element(central, "relay-server"), output_element(collected, "out")])
+            central_pipeline = Pipeline(
+                [source_element(central, "relay-server"), output_element(collected, "out")]
+            )
             await nursery.start(partial_run(central_pipeline, 5.0))
 
             # The rack relay is one agent with both plugins, as `agent --relay-in ... --relay-out ...` starts it.
@@ -180,7 +198,14 @@ async def test_a_tier_of_relays_keeps_the_node_names_and_the_metric_definitions(
             for node in ("node-a", "node-b"):
                 registry = MetricRegistry()
                 registry.register(MetricDef("energy", "J", "int", "energy counter"))
-                pipeline = Pipeline([output_element(relay_client(node, rack_server.bound_addresses[0], tmp_path / node, registry), "relay-client")])
+                pipeline = Pipeline(
+                    [
+                        output_element(
+                            relay_client(node, rack_server.bound_addresses[0], tmp_path / node, registry),
+                            "relay-client",
+                        )
+                    ]
+                )
                 await nursery.start(partial_run(pipeline, 5.0))
                 node_pipelines.append(pipeline)
             await node_pipelines[0].sink().send(make_batch(make_series("energy", [1, 2])))
@@ -245,7 +270,9 @@ async def until(condition: Callable[[], bool], timeout: float, what: str, *agent
         while not condition():
             for agent in agents:
                 if agent.process.poll() is not None:
-                    raise AssertionError(f"an agent exited ({agent.process.returncode}) while waiting for {what}:\n{agent.log()[-3000:]}")
+                    raise AssertionError(
+                        f"an agent exited ({agent.process.returncode}) while waiting for {what}:\n{agent.log()[-3000:]}"
+                    )
             await trio.sleep(0.02)
         return
     logs = "\n".join(f"--- {a.log_path.name}\n{a.log()[-2000:]}" for a in agents)
@@ -281,7 +308,7 @@ def server_config(directory: Path, port: int) -> Path:
     path.write_text(
         f"""
 [agent]
-data_dir = "{directory / 'server-data'}"
+data_dir = "{directory / "server-data"}"
 self_metrics_interval = "0s"
 grace_period = "5s"
 
@@ -290,7 +317,7 @@ address = "127.0.0.1:{port}"
 heartbeat_interval = "1s"
 
 [plugins.csv]
-path = "{directory / 'server.csv'}"
+path = "{directory / "server.csv"}"
 flush_interval = "0s"
 """
     )
@@ -302,7 +329,7 @@ def client_config(directory: Path, server_port: int, body: str) -> Path:
     path.write_text(
         f"""
 [agent]
-data_dir = "{directory / 'client-data'}"
+data_dir = "{directory / "client-data"}"
 self_metrics_interval = "0s"
 grace_period = "5s"
 
@@ -355,11 +382,23 @@ pickle = ""
             await until(lambda: listening(graphite_port), 10, "the client's graphite-in", client)
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(send_graphite_lines, graphite_port, lines, per_write, 0.02)
-                await until(lambda: len(csv_points(tmp_path / "server.csv")) >= count // 3, 20, "a third of the points", server, client)
+                await until(
+                    lambda: len(csv_points(tmp_path / "server.csv")) >= count // 3,
+                    20,
+                    "a third of the points",
+                    server,
+                    client,
+                )
                 server.signal(signal.SIGKILL)
                 await server.wait(5)
             server = AgentProcess(server_toml, "server")
-            await until(lambda: len({v for _, v, _ in csv_points(tmp_path / "server.csv")}) >= count, 30, "every point", server, client)
+            await until(
+                lambda: len({v for _, v, _ in csv_points(tmp_path / "server.csv")}) >= count,
+                30,
+                "every point",
+                server,
+                client,
+            )
             client.signal(signal.SIGTERM)
             assert await client.wait(10) == 0
             server.signal(signal.SIGTERM)
@@ -379,7 +418,9 @@ pickle = ""
     assert max(values.values()) <= 2
 
 
-async def test_a_client_killed_while_the_server_is_down_delivers_its_disk_buffer_after_both_restart(tmp_path) -> None:
+async def test_a_client_killed_while_the_server_is_down_delivers_its_disk_buffer_after_both_restart(
+    tmp_path,
+) -> None:
     server_port = free_port()
     count = 3000
     client_toml = client_config(
@@ -394,7 +435,7 @@ total_points = {count}
 metric_prefix = "kill"
 
 [plugins.csv]
-path = "{tmp_path / 'client.csv'}"
+path = "{tmp_path / "client.csv"}"
 flush_interval = "0s"
 """,
     )
@@ -403,7 +444,9 @@ flush_interval = "0s"
     try:
         with trio.fail_after(60):
             # The server is down: every point goes to the client's disk buffer, then the client dies.
-            await until(lambda: f"{count} points buffered since start" in client.log(), 20, "the disk buffer", client)
+            await until(
+                lambda: f"{count} points buffered since start" in client.log(), 20, "the disk buffer", client
+            )
             client.signal(signal.SIGKILL)
             await client.wait(5)
             server = AgentProcess(server_config(tmp_path, server_port), "server")
@@ -411,7 +454,13 @@ flush_interval = "0s"
             # Restarted without its source: it only delivers what its disk buffer holds.
             client_config(tmp_path, server_port, "")
             client = AgentProcess(client_toml, "client")
-            await until(lambda: len(csv_points(tmp_path / "server.csv")) >= count, 20, "every buffered point", server, client)
+            await until(
+                lambda: len(csv_points(tmp_path / "server.csv")) >= count,
+                20,
+                "every buffered point",
+                server,
+                client,
+            )
             client.signal(signal.SIGTERM)
             assert await client.wait(10) == 0
             server.signal(signal.SIGTERM)
@@ -441,12 +490,14 @@ points_per_batch = 50
 total_points = {count}
 
 [plugins.csv]
-path = "{tmp_path / 'client.csv'}"
+path = "{tmp_path / "client.csv"}"
 flush_interval = "0s"
 """,
     )
-    text = client_toml.read_text().replace('buffer_timeout = "50ms"', 'buffer_timeout = "1h"').replace(
-        "buffer_max_length = 100", "buffer_max_length = 100000"
+    text = (
+        client_toml.read_text()
+        .replace('buffer_timeout = "50ms"', 'buffer_timeout = "1h"')
+        .replace("buffer_max_length = 100", "buffer_max_length = 100000")
     )
     client_toml.write_text(text)
     server = AgentProcess(server_config(tmp_path, server_port), "server")
@@ -455,7 +506,12 @@ flush_interval = "0s"
         with trio.fail_after(60):
             await until(lambda: listening(server_port), 10, "the server to listen", server)
             client = AgentProcess(client_toml, "client")
-            await until(lambda: len(csv_points(tmp_path / "client.csv")) >= count, 20, "the points in the client", client)
+            await until(
+                lambda: len(csv_points(tmp_path / "client.csv")) >= count,
+                20,
+                "the points in the client",
+                client,
+            )
             assert csv_points(tmp_path / "server.csv") == []  # still in the client's buffer
             client.signal(signal.SIGTERM)
             assert await client.wait(10) == 0

@@ -215,9 +215,13 @@ class RelayClient(Output):
 
     # -- the output task --
 
-    async def run(self, inbox: OutputInbox, task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED) -> None:
+    async def run(
+        self, inbox: OutputInbox, task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED
+    ) -> None:
         self._stopping = False
-        self.store = await trio.to_thread.run_sync(self.buffer.open) if self.buffer.durable else self.buffer.open()
+        self.store = (
+            await trio.to_thread.run_sync(self.buffer.open) if self.buffer.durable else self.buffer.open()
+        )
         store = self.store
         self._acked_seq = store.log.committed_seq
         self._recent.clear()
@@ -260,7 +264,11 @@ class RelayClient(Output):
                 env.done(False)
         if self._unacked:
             lost = store.log.pending_records
-            log.error("relay-client: stopping with %d batches not acknowledged by %s: lost (memory buffer)", lost, self.server)
+            log.error(
+                "relay-client: stopping with %d batches not acknowledged by %s: lost (memory buffer)",
+                lost,
+                self.server,
+            )
         self._unacked.clear()
 
         def close() -> None:
@@ -421,7 +429,9 @@ class RelayClient(Output):
         tcp = await trio.open_tcp_stream(self.host, self.port)
         if self.ssl_context is None:
             return tcp
-        stream = trio.SSLStream(tcp, self.ssl_context, server_hostname=self.settings.tls_server_name or self.host)
+        stream = trio.SSLStream(
+            tcp, self.ssl_context, server_hostname=self.settings.tls_server_name or self.host
+        )
         try:
             await stream.do_handshake()
         except BaseException:
@@ -451,7 +461,10 @@ class RelayClient(Output):
                 with trio.fail_after(settings.handshake_timeout):
                     stream = await self._open_stream()
             except trio.TooSlowError:
-                ended = SessionEnded(f"no connection within the handshake timeout of {settings.handshake_timeout:g}s", accepted=False)
+                ended = SessionEnded(
+                    f"no connection within the handshake timeout of {settings.handshake_timeout:g}s",
+                    accepted=False,
+                )
             except (OSError, trio.BrokenResourceError, ssl.SSLError) as exc:
                 ended = SessionEnded(_connect_failure(exc), accepted=False)
             else:
@@ -465,16 +478,25 @@ class RelayClient(Output):
                     self._notify()
                     with trio.CancelScope(shield=True), trio.move_on_after(LAST_WORDS_TIMEOUT):
                         await trio.aclose_forcefully(stream)
-            if self._stopping and (self.store is None or self.store.durable or self._acked_seq >= self.store.log.last_seq):
+            if self._stopping and (
+                self.store is None or self.store.durable or self._acked_seq >= self.store.log.last_seq
+            ):
                 # Stopping: nothing left to deliver, or it stays on disk for the next start.
-                log.log(min(ended.level, logging.INFO), "relay-client: connection to %s ended: %s", self.server, ended)
+                log.log(
+                    min(ended.level, logging.INFO),
+                    "relay-client: connection to %s ended: %s",
+                    self.server,
+                    ended,
+                )
                 return
             if ended.accepted:
                 failures = 0
                 self._backoff.reset()
                 outage_started = None
                 last_reject = None
-                log.log(ended.level, "relay-client: connection to %s ended: %s; reconnecting", self.server, ended)
+                log.log(
+                    ended.level, "relay-client: connection to %s ended: %s; reconnecting", self.server, ended
+                )
                 delay = self._backoff.next_delay()
             else:
                 failures += 1
@@ -488,7 +510,9 @@ class RelayClient(Output):
                     if text != last_reject or now - last_reminder >= OUTAGE_REMINDER_INTERVAL:
                         last_reject = text
                         last_reminder = now
-                        log.error("relay-client: %s %s; retrying every %gs", self.server, text, settings.max_delay)
+                        log.error(
+                            "relay-client: %s %s; retrying every %gs", self.server, text, settings.max_delay
+                        )
                     else:
                         log.debug("relay-client: %s %s", self.server, text)
                 else:
@@ -550,14 +574,17 @@ class RelayClient(Output):
                 accepted=False,
             ) from None
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError, ssl.SSLError) as exc:
-            raise SessionEnded(f"connection failed during the handshake: {_connect_failure(exc)}", accepted=False) from None
+            raise SessionEnded(
+                f"connection failed during the handshake: {_connect_failure(exc)}", accepted=False
+            ) from None
         except ProtocolError as exc:
             raise SessionEnded(f"invalid answer to our hello: {exc}", accepted=False) from None
         if isinstance(first, Reject):
             raise Rejected(first)
         if not isinstance(first, Accept):
             raise SessionEnded(
-                f"the server answered our hello with {type(first).__struct_config__.tag!r}, not 'accept'", accepted=False
+                f"the server answered our hello with {type(first).__struct_config__.tag!r}, not 'accept'",
+                accepted=False,
             )
         accept = first
         plan = plan_resume(accept, store.log.last_seq)
@@ -619,7 +646,9 @@ class RelayClient(Output):
             # Only now that the sender has stopped may another frame go out.
             with trio.move_on_after(LAST_WORDS_TIMEOUT):
                 try:
-                    await stream.send_all(encoder.encode(Goodbye(GoodbyeCode.PROTOCOL_ERROR, str(protocol_error[0]))))
+                    await stream.send_all(
+                        encoder.encode(Goodbye(GoodbyeCode.PROTOCOL_ERROR, str(protocol_error[0])))
+                    )
                 except (trio.BrokenResourceError, trio.ClosedResourceError, OSError, ssl.SSLError):
                     pass
         raise outcome[0] if outcome else SessionEnded("the session ended")
@@ -631,11 +660,15 @@ class RelayClient(Output):
             data = await stream.receive_some(RECEIVE_SIZE)
             if not data:
                 decoder.eof()
-                raise SessionEnded("the server closed the connection without answering our hello", accepted=False)
+                raise SessionEnded(
+                    "the server closed the connection without answering our hello", accepted=False
+                )
             for message in decoder.feed(data):
                 return message
 
-    async def _sender(self, stream: trio.abc.Stream, encoder: FrameEncoder, window: SendWindow, heartbeat: float) -> None:
+    async def _sender(
+        self, stream: trio.abc.Stream, encoder: FrameEncoder, window: SendWindow, heartbeat: float
+    ) -> None:
         store = self.store
         assert store is not None
         defs_sent = 0
@@ -645,7 +678,9 @@ class RelayClient(Output):
             records = await self._read_after(window.last_sent, window.room) if window.room else []
             if not records:
                 if self._stopping and not len(window) and self._acked_seq >= store.log.last_seq:
-                    await stream.send_all(encoder.encode(Goodbye(GoodbyeCode.SHUTDOWN, "the client is stopping")))
+                    await stream.send_all(
+                        encoder.encode(Goodbye(GoodbyeCode.SHUTDOWN, "the client is stopping"))
+                    )
                     raise _SaidGoodbye()
                 idle_for = trio.current_time() - last_send
                 if idle_for >= heartbeat:
@@ -689,7 +724,9 @@ class RelayClient(Output):
                 await stream.send_all(pending[0] if len(pending) == 1 else b"".join(pending))
             last_send = trio.current_time()
 
-    async def _receiver(self, stream: trio.abc.Stream, decoder: FrameDecoder[Any], window: SendWindow, heartbeat: float) -> None:
+    async def _receiver(
+        self, stream: trio.abc.Stream, decoder: FrameDecoder[Any], window: SendWindow, heartbeat: float
+    ) -> None:
         dead_after = 3 * heartbeat
         for message in decoder.feed(b""):
             self._on_server_message(message, window)
@@ -697,7 +734,9 @@ class RelayClient(Output):
             with trio.move_on_after(dead_after) as timer:
                 data = await stream.receive_some(RECEIVE_SIZE)
             if timer.cancelled_caught:
-                raise SessionEnded(f"nothing received from the server for {dead_after:g}s (3 heartbeat intervals)")
+                raise SessionEnded(
+                    f"nothing received from the server for {dead_after:g}s (3 heartbeat intervals)"
+                )
             if not data:
                 decoder.eof()
                 raise SessionEnded("the server closed the connection")
@@ -721,7 +760,12 @@ class RelayClient(Output):
                 self._notify()
         elif isinstance(message, Refused):
             self.counters.batches_refused += 1
-            log.error("relay-client: %s refused batch %d: %s (dropped: resending cannot help)", self.server, message.seq, message.reason)
+            log.error(
+                "relay-client: %s refused batch %d: %s (dropped: resending cannot help)",
+                self.server,
+                message.seq,
+                message.reason,
+            )
         elif isinstance(message, Heartbeat):
             pass
         elif isinstance(message, Goodbye):
@@ -729,7 +773,9 @@ class RelayClient(Output):
                 raise SessionEnded(f"the server is stopping ({message.reason})", level=logging.INFO)
             raise SessionEnded(f"the server said goodbye ({message.code}): {message.reason}")
         else:
-            raise ProtocolError(f"unexpected {type(message).__struct_config__.tag!r} message in a streaming session")
+            raise ProtocolError(
+                f"unexpected {type(message).__struct_config__.tag!r} message in a streaming session"
+            )
 
     def _settle_acked(self, seq: int) -> None:
         """Memory buffer: the envelopes of acknowledged batches are done."""

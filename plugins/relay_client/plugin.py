@@ -83,7 +83,9 @@ class RelayClientConfig(OutputConfig, kw_only=True):
                     " the buffer holds whole batches"
                 )
         if bool(self.tls_cert) != bool(self.tls_key):
-            raise ValueError("tls_cert and tls_key go together: set both for a client certificate, or neither")
+            raise ValueError(
+                "tls_cert and tls_key go together: set both for a client certificate, or neither"
+            )
 
 
 def build_client_ssl_context(config: RelayClientConfig) -> ssl.SSLContext | None:
@@ -141,7 +143,9 @@ def settings_from_config(config: RelayClientConfig) -> ClientSettings:
 class RelayClientPlugin(Plugin):
     name = "relay-client"
     version = "0.1.0"
-    description = "Sends measurements to a relay-server agent over TCP or TLS, buffered on disk until acknowledged."
+    description = (
+        "Sends measurements to a relay-server agent over TCP or TLS, buffered on disk until acknowledged."
+    )
     Config = RelayClientConfig
     enabled_by_default = False
     provides = ("output",)
@@ -151,13 +155,19 @@ class RelayClientPlugin(Plugin):
         buffer: BufferSpec
         if config.disk_buffer:
             directory = (
-                Path(config.disk_buffer_path).expanduser() if config.disk_buffer_path else ctx.plugin_data_dir()
+                Path(config.disk_buffer_path).expanduser()
+                if config.disk_buffer_path
+                else ctx.plugin_data_dir()
             )
             buffer = DiskBuffer(directory, int(config.disk_buffer_max_size), config.disk_buffer_fsync)
-            ctx.logger.info("disk buffer in %s (at most %s)", directory, format_size(config.disk_buffer_max_size))
+            ctx.logger.info(
+                "disk buffer in %s (at most %s)", directory, format_size(config.disk_buffer_max_size)
+            )
         else:
             buffer = MemoryBuffer(int(config.memory_buffer_max_size))
-        client = RelayClient(settings_from_config(config), buffer, registry=ctx.registry, ssl_context=ssl_context)
+        client = RelayClient(
+            settings_from_config(config), buffer, registry=ctx.registry, ssl_context=ssl_context
+        )
         ctx.add_output(client, config)
 
 

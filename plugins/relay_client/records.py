@@ -80,7 +80,12 @@ def _encode_into(encoder: FrameEncoder, wire: list[WireSeries], first_seq: int, 
     for part in (slice(0, middle), slice(middle, count)):
         metric = single.metric if isinstance(single.metric, int) else single.metric[part]
         piece = WireSeries(
-            metric, single.resource, single.consumer, single.attributes, single.timestamps[part], single.values[part]
+            metric,
+            single.resource,
+            single.consumer,
+            single.attributes,
+            single.timestamps[part],
+            single.values[part],
         )
         _encode_into(encoder, [piece], first_seq, out)
 

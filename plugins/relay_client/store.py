@@ -60,7 +60,9 @@ class BatchStore:
     Synchronous: the disk variant is called from a worker thread by the relay client.
     """
 
-    def __init__(self, log_: RecordLog, directory: Path | None, stream_id: str, metrics: list[MetricDef]) -> None:
+    def __init__(
+        self, log_: RecordLog, directory: Path | None, stream_id: str, metrics: list[MetricDef]
+    ) -> None:
         self.log = log_
         self.directory = directory
         self.stream_id = stream_id
@@ -76,10 +78,17 @@ class BatchStore:
 
     @classmethod
     def open_disk(
-        cls, directory: Path, *, max_bytes: int, fsync: FsyncPolicy = "interval", segment_bytes: int = SEGMENT_BYTES
+        cls,
+        directory: Path,
+        *,
+        max_bytes: int,
+        fsync: FsyncPolicy = "interval",
+        segment_bytes: int = SEGMENT_BYTES,
     ) -> BatchStore:
         directory.mkdir(parents=True, exist_ok=True)
-        durable_log = DurableLog(directory / LOG_DIRECTORY, max_bytes=max_bytes, fsync=fsync, segment_bytes=segment_bytes)
+        durable_log = DurableLog(
+            directory / LOG_DIRECTORY, max_bytes=max_bytes, fsync=fsync, segment_bytes=segment_bytes
+        )
         try:
             saved = _read_stream_file(directory / STREAM_FILE)
             pending = durable_log.pending_records
@@ -199,7 +208,9 @@ def _read_stream_file(path: Path) -> StreamFile | None:
         log.warning("relay-client: %s is damaged (%s); starting a new stream", path, exc)
         return None
     if saved.version != _FORMAT_VERSION or not saved.stream_id:
-        log.warning("relay-client: %s has an unknown format (version %s); starting a new stream", path, saved.version)
+        log.warning(
+            "relay-client: %s has an unknown format (version %s); starting a new stream", path, saved.version
+        )
         return None
     return saved
 

@@ -2,7 +2,9 @@
 
 Pure code, no I/O: `messages` defines what is said (a tagged union of msgspec Structs) and converts
 wire batches to and from `agent.model.Batch`; `framing` cuts a byte stream into length-prefixed
-frames. The plugins' trio code only moves bytes. The specification is docs/relay-protocol.md.
+frames; `streams` is the server's memory of client streams (duplicates, cumulative acks); `session`
+the client's resume decision and in-flight window; `address` parses HOST:PORT. The plugins' trio code
+only moves bytes. The specification is docs/relay-protocol.md.
 """
 
 from .framing import (

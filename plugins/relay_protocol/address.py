@@ -43,9 +43,7 @@ def parse_address(text: str, *, default_port: int | None = DEFAULT_PORT) -> tupl
         try:
             ipaddress.IPv6Address(stripped.split("%", 1)[0])
         except ValueError:
-            raise AddressError(
-                f"{text!r}: put an IPv6 address in brackets, like \"[::1]:50051\""
-            ) from None
+            raise AddressError(f'{text!r}: put an IPv6 address in brackets, like "[::1]:50051"') from None
         host, port_text = stripped, None
     elif ":" in stripped:
         host, port_text = stripped.split(":", 1)

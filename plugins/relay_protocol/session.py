@@ -72,7 +72,9 @@ class SendWindow:
         if seq <= self.acked_seq:
             return False
         if seq > log_last_seq:
-            raise ValueError(f"ack for batch {seq}, but the last batch this client numbered is {log_last_seq}")
+            raise ValueError(
+                f"ack for batch {seq}, but the last batch this client numbered is {log_last_seq}"
+            )
         self.acked_seq = seq
         self.last_sent = max(self.last_sent, seq)
         in_flight = self._in_flight

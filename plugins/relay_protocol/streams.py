@@ -151,7 +151,9 @@ class StreamTable:
     def get(self, client_name: str, stream_id: str) -> StreamState | None:
         return self._streams.get((client_name, stream_id))
 
-    def attach(self, client_name: str, stream_id: str, connection: Any, now: float) -> tuple[StreamState, Any]:
+    def attach(
+        self, client_name: str, stream_id: str, connection: Any, now: float
+    ) -> tuple[StreamState, Any]:
         """The stream of a new session (created if unknown), now owned by `connection`. Returns it and
         the connection it had before, if any (which the caller must close: one session per stream)."""
         self.prune(now)
@@ -172,7 +174,9 @@ class StreamTable:
         state.last_active = now
 
     def live_streams_of(self, client_name: str) -> list[StreamState]:
-        return [s for s in self._streams.values() if s.client_name == client_name and s.connection is not None]
+        return [
+            s for s in self._streams.values() if s.client_name == client_name and s.connection is not None
+        ]
 
     def prune(self, now: float) -> None:
         """Forgets streams idle (no session) for longer than the retention."""

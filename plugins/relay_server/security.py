@@ -35,13 +35,17 @@ def build_server_ssl_context(cert: str, key: str, client_ca: str) -> ssl.SSLCont
     try:
         context.load_cert_chain(cert, key)
     except (ssl.SSLError, OSError) as exc:
-        raise SecurityConfigError(f"tls_cert {cert!r} / tls_key {key!r}: cannot load the certificate and key: {exc}") from None
+        raise SecurityConfigError(
+            f"tls_cert {cert!r} / tls_key {key!r}: cannot load the certificate and key: {exc}"
+        ) from None
     if client_ca:
         _check_file("tls_client_ca", client_ca)
         try:
             context.load_verify_locations(cafile=client_ca)
         except (ssl.SSLError, OSError) as exc:
-            raise SecurityConfigError(f"tls_client_ca {client_ca!r}: cannot load the CA certificates: {exc}") from None
+            raise SecurityConfigError(
+                f"tls_client_ca {client_ca!r}: cannot load the CA certificates: {exc}"
+            ) from None
         context.verify_mode = ssl.CERT_REQUIRED
     return context
 
@@ -79,9 +83,7 @@ class AuthError(Exception):
     """Authentication failed. `str()` is the server's log text; clients are told less."""
 
 
-def resolve_client_name(
-    hello_name: str, names: CertificateNames | None, *, name_must_match: bool
-) -> str:
+def resolve_client_name(hello_name: str, names: CertificateNames | None, *, name_must_match: bool) -> str:
     """The name the server knows the client by: the Hello's, or with a client certificate and an
     empty Hello name, the certificate's common name. Raises AuthError if the certificate does not
     name the client (when `name_must_match`), ValueError for a missing name."""
@@ -92,14 +94,20 @@ def resolve_client_name(
             return names.common_name
         if name_must_match and not names.covers(hello_name):
             shown = ", ".join(dict.fromkeys(n for n in (names.common_name, *names.dns_names) if n))
-            raise AuthError(f"client name {hello_name!r} is not in its certificate (names: {shown or 'none'})")
+            raise AuthError(
+                f"client name {hello_name!r} is not in its certificate (names: {shown or 'none'})"
+            )
         return hello_name
     if not hello_name:
-        raise ValueError("empty client name (only allowed with a client certificate, whose common name stands for it)")
+        raise ValueError(
+            "empty client name (only allowed with a client certificate, whose common name stands for it)"
+        )
     return hello_name
 
 
-def check_token(client_name: str, token: str | None, shared_token: str, client_tokens: Mapping[str, str]) -> None:
+def check_token(
+    client_name: str, token: str | None, shared_token: str, client_tokens: Mapping[str, str]
+) -> None:
     """Checks the Hello's token against the client's own token, else the shared one. No configured
     token: anything goes. Compared in constant time. Raises AuthError."""
     expected = client_tokens.get(client_name) or shared_token

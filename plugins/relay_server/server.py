@@ -154,7 +154,9 @@ class RelayServer(AutonomousSource):
         self.bound_addresses = [_socket_address(listener.socket.getsockname()) for listener in listeners]
         return listeners
 
-    async def run(self, sink: SourceSink, task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED) -> None:
+    async def run(
+        self, sink: SourceSink, task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED
+    ) -> None:
         self._sink = sink
         listeners = await self.open_listeners()
         log.info(
@@ -162,7 +164,9 @@ class RelayServer(AutonomousSource):
             ", ".join(self.bound_addresses),
             "TLS, client certificates required"
             if self.ssl_context is not None and self.ssl_context.verify_mode == ssl.CERT_REQUIRED
-            else "TLS" if self.ssl_context is not None else "plain TCP",
+            else "TLS"
+            if self.ssl_context is not None
+            else "plain TCP",
         )
         task_status.started(list(self.bound_addresses))
         try:
@@ -200,7 +204,9 @@ class RelayServer(AutonomousSource):
             peer = "unknown peer"
         await self.handle_connection(stream, peer)
 
-    async def handle_connection(self, stream: trio.abc.Stream, peer: str, sink: SourceSink | None = None) -> None:
+    async def handle_connection(
+        self, stream: trio.abc.Stream, peer: str, sink: SourceSink | None = None
+    ) -> None:
         """Serves one client connection until it ends; never raises (except trio.Cancelled).
 
         Public so that tests can drive it over an in-memory stream; `sink` defaults to the one `run`
@@ -341,7 +347,12 @@ class _Connection:
                 self.settings.max_connections,
             )
             await self._last_words(
-                Reject(RejectCode.BUSY, "the server is at its connection limit; retry later", PROTOCOL_VERSION, AGENT_VERSION)
+                Reject(
+                    RejectCode.BUSY,
+                    "the server is at its connection limit; retry later",
+                    PROTOCOL_VERSION,
+                    AGENT_VERSION,
+                )
             )
             return
         server.connections.add(self)
@@ -354,7 +365,11 @@ class _Connection:
         except Exception as exc:
             # One connection's bug must not stop the server.
             server.counters.disconnected_with_error += 1
-            log.error("relay-server: client %s disconnected: internal error: %s", self.describe(), describe_exception(exc))
+            log.error(
+                "relay-server: client %s disconnected: internal error: %s",
+                self.describe(),
+                describe_exception(exc),
+            )
             log.debug("relay connection failure", exc_info=True)
         finally:
             server.connections.discard(self)
@@ -383,7 +398,9 @@ class _Connection:
                     data = await self.stream.receive_some(RECEIVE_SIZE)
                     if not data:
                         if self.decoder.pending_bytes:
-                            self._log_rejection(f"closed the connection in the middle of its first frame ({self.decoder.pending_bytes} bytes)")
+                            self._log_rejection(
+                                f"closed the connection in the middle of its first frame ({self.decoder.pending_bytes} bytes)"
+                            )
                         else:
                             log.debug("relay-server: %s closed the connection without a word", self.peer)
                         return None
@@ -396,8 +413,14 @@ class _Connection:
                 self._log_rejection(f"connection failed during the handshake: {_tls_reason(exc)}")
                 return None
         if timer.cancelled_caught:
-            detail = f" ({self.decoder.pending_bytes} bytes of a frame received)" if self.decoder.pending_bytes else ""
-            self._log_rejection(f"no hello within the handshake timeout of {self.settings.handshake_timeout:g}s{detail}")
+            detail = (
+                f" ({self.decoder.pending_bytes} bytes of a frame received)"
+                if self.decoder.pending_bytes
+                else ""
+            )
+            self._log_rejection(
+                f"no hello within the handshake timeout of {self.settings.handshake_timeout:g}s{detail}"
+            )
             return None
         if problem is None and not isinstance(first, Hello):
             problem = f"the first message must be 'hello', got {type(first).__struct_config__.tag!r}"
@@ -527,7 +550,9 @@ class _Connection:
             with trio.move_on_after(dead_after) as timer:
                 data = await self.stream.receive_some(RECEIVE_SIZE)
             if timer.cancelled_caught:
-                raise _Misbehaved(f"nothing received for {dead_after:g}s (3 heartbeat intervals)", GoodbyeCode.TIMEOUT)
+                raise _Misbehaved(
+                    f"nothing received for {dead_after:g}s (3 heartbeat intervals)", GoodbyeCode.TIMEOUT
+                )
             if not data:
                 self.decoder.eof()
                 raise _PeerGone("the client closed the connection")
@@ -547,7 +572,9 @@ class _Connection:
             end.level = level
             raise end
         else:
-            raise ProtocolError(f"unexpected {type(message).__struct_config__.tag!r} message in a streaming session")
+            raise ProtocolError(
+                f"unexpected {type(message).__struct_config__.tag!r} message in a streaming session"
+            )
 
     def _on_defs(self, message: MetricDefs) -> None:
         for client_id, definition in message.definitions.items():
@@ -650,7 +677,11 @@ class _Connection:
 
     def _log_rejection(self, text: str) -> None:
         self.server.counters.rejected += 1
-        log.warning("relay-server: client %s %s", self.describe(), text if text.startswith("rejected") else f"disconnected: {text}")
+        log.warning(
+            "relay-server: client %s %s",
+            self.describe(),
+            text if text.startswith("rejected") else f"disconnected: {text}",
+        )
 
 
 def _socket_address(sockname: Any) -> str:
@@ -665,7 +696,11 @@ def _tls_reason(exc: BaseException) -> str:
     if isinstance(exc, trio.BrokenResourceError) and cause is not None:
         exc = cause
     if isinstance(exc, ssl.SSLError):
-        return exc.reason or str(exc) if not getattr(exc, "verify_message", None) else f"{exc.reason}: {exc.verify_message}"
+        return (
+            exc.reason or str(exc)
+            if not getattr(exc, "verify_message", None)
+            else f"{exc.reason}: {exc.verify_message}"
+        )
     return describe_exception(exc)
 
 

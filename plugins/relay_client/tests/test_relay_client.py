@@ -83,7 +83,9 @@ class ScriptedServer:
                         acked = self.acked.setdefault(stream_id, self.preset_acked)
                         self.preset_acked = 0  # for the first stream only
                         await stream.send_all(
-                            encoder.encode(Accept(PROTOCOL_VERSION, "test", "s", acked, acked, 1 << 24, 64, 3_600_000))
+                            encoder.encode(
+                                Accept(PROTOCOL_VERSION, "test", "s", acked, acked, 1 << 24, 64, 3_600_000)
+                            )
                         )
                     elif isinstance(message, BatchMessage) and self.auto_ack:
                         self.acked[stream_id] = message.seq
@@ -174,7 +176,9 @@ def memory_store() -> MemoryBuffer:
 async def test_a_full_buffer_is_sent_at_once(autojump_clock) -> None:
     async with trio.open_nursery() as nursery:
         server = ScriptedServer(nursery)
-        client = RelayClient(settings(buffer_timeout=30.0, buffer_max_length=3), memory_store(), connect=server.connect)
+        client = RelayClient(
+            settings(buffer_timeout=30.0, buffer_max_length=3), memory_store(), connect=server.connect
+        )
         pipeline = await start_client(nursery, client)
         start = trio.current_time()
         await pipeline.sink().send(make_batch(make_series("m", [1.0, 2.0, 3.0])))
@@ -202,10 +206,14 @@ async def test_reconnection_delays_follow_the_config_and_an_outage_is_logged(aut
             await trio.sleep(1)
         nursery.cancel_scope.cancel()
     # Doubling from initial_delay, each drawn in [d/2, d]; after max_times failures, max_delay (jittered).
-    for delay, (low, high) in zip(delays, [(0.05, 0.1), (0.1, 0.2), (0.2, 0.4), (5, 10), (5, 10), (5, 10)], strict=False):
+    for delay, (low, high) in zip(
+        delays, [(0.05, 0.1), (0.1, 0.2), (0.2, 0.4), (5, 10), (5, 10), (5, 10)], strict=False
+    ):
         assert low <= delay <= high
     # The clock agrees: each attempt came after the announced delay.
-    assert [round(b - a, 6) for a, b in zip(attempts, attempts[1:], strict=False)] == [round(d, 6) for d in delays[:6]]
+    assert [round(b - a, 6) for a, b in zip(attempts, attempts[1:], strict=False)] == [
+        round(d, 6) for d in delays[:6]
+    ]
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
     assert [w for w in warnings if "cannot reach relay.invalid:50051: Connection refused" in w] == [
@@ -217,7 +225,9 @@ async def test_reconnection_delays_follow_the_config_and_an_outage_is_logged(aut
 
 
 @guarded(3600)
-async def test_a_version_reject_is_logged_with_both_versions_and_retried_at_max_delay(autojump_clock, caplog) -> None:
+async def test_a_version_reject_is_logged_with_both_versions_and_retried_at_max_delay(
+    autojump_clock, caplog
+) -> None:
     attempts: list[float] = []
 
     async def rejecting_server() -> trio.abc.Stream:
@@ -239,8 +249,13 @@ async def test_a_version_reject_is_logged_with_both_versions_and_retried_at_max_
             await trio.sleep(0.5)
         nursery.cancel_scope.cancel()
     assert all(2.0 <= b - a <= 4.0 for a, b in zip(attempts, attempts[1:], strict=False))
-    [line] = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]  # logged once, not per retry
-    assert "rejected our protocol version: the server speaks protocol 7 (agent 9.0.0), we speak protocol 1" in line
+    [line] = [
+        r.getMessage() for r in caplog.records if r.levelno == logging.ERROR
+    ]  # logged once, not per retry
+    assert (
+        "rejected our protocol version: the server speaks protocol 7 (agent 9.0.0), we speak protocol 1"
+        in line
+    )
     assert "retrying every 4s" in line
 
 
@@ -257,7 +272,9 @@ async def test_resumes_after_what_the_server_acknowledged(autojump_clock) -> Non
                 raise OSError("network is down")
             return await server.connect()
 
-        client = RelayClient(settings(buffer_timeout=0.1, buffer_max_length=1), memory_store(), connect=connect)
+        client = RelayClient(
+            settings(buffer_timeout=0.1, buffer_max_length=1), memory_store(), connect=connect
+        )
         pipeline = await start_client(nursery, client)
         for value in (1.0, 2.0, 3.0):
             await pipeline.sink().send(make_batch(make_series("m", [value])))
@@ -272,13 +289,17 @@ async def test_resumes_after_what_the_server_acknowledged(autojump_clock) -> Non
 @guarded(3600)
 async def test_numbering_that_went_backwards_moves_the_buffer_to_a_new_stream(autojump_clock, caplog) -> None:
     await numbering_went_backwards()
-    assert any("moving the" in r.getMessage() and "to the new stream" in r.getMessage() for r in caplog.records)
+    assert any(
+        "moving the" in r.getMessage() and "to the new stream" in r.getMessage() for r in caplog.records
+    )
 
 
 async def numbering_went_backwards() -> None:
     async with trio.open_nursery() as nursery:
         server = ScriptedServer(nursery)
-        server.preset_acked = 40  # the server has seen batch 40 of this stream: more than the client ever numbered
+        server.preset_acked = (
+            40  # the server has seen batch 40 of this stream: more than the client ever numbered
+        )
         client = RelayClient(settings(buffer_timeout=0.1), memory_store(), connect=server.connect)
         pipeline = await start_client(nursery, client)
         await pipeline.sink().send(make_batch(make_series("m", [1.0])))
@@ -289,7 +310,9 @@ async def numbering_went_backwards() -> None:
 
 
 @guarded(3600)
-async def test_with_the_memory_buffer_points_are_acknowledged_only_when_the_server_acknowledges(autojump_clock) -> None:
+async def test_with_the_memory_buffer_points_are_acknowledged_only_when_the_server_acknowledges(
+    autojump_clock,
+) -> None:
     async with trio.open_nursery() as nursery:
         server = ScriptedServer(nursery, auto_ack=False)
         client = RelayClient(settings(buffer_timeout=0.1), memory_store(), connect=server.connect)
@@ -318,7 +341,8 @@ async def test_the_disk_buffer_outlives_the_client_and_delivers_after_a_restart(
             # First life: the server is not there; points go to the disk buffer, then the agent stops.
             client = RelayClient(
                 settings(relay_server="127.0.0.1:1", buffer_timeout=0.05, initial_delay=0.05, max_delay=0.1),
-                disk_store(tmp_path), registry=registry,
+                disk_store(tmp_path),
+                registry=registry,
             )
             pipeline = await start_client(nursery, client)
             await pipeline.sink().send(make_batch(make_series("energy", [1, 2, 3])))
@@ -344,17 +368,30 @@ async def test_a_wrong_token_is_refused_with_clear_messages_on_both_sides(caplog
             server, output, server_pipeline = await start_server(
                 nursery, ServerSettings(address="127.0.0.1:0", token="right")
             )
-            client = RelayClient(settings(relay_server=server.bound_addresses[0], token="wrong"), memory_store())
+            client = RelayClient(
+                settings(relay_server=server.bound_addresses[0], token="wrong"), memory_store()
+            )
             await start_client(nursery, client)
             while server.counters.rejected < 1:
                 await trio.sleep(0.01)
-            good = RelayClient(settings(client_name="good", relay_server=server.bound_addresses[0], token="right", buffer_timeout=0.01), memory_store())
+            good = RelayClient(
+                settings(
+                    client_name="good",
+                    relay_server=server.bound_addresses[0],
+                    token="right",
+                    buffer_timeout=0.01,
+                ),
+                memory_store(),
+            )
             good_pipeline = await start_client(nursery, good)
             await good_pipeline.sink().send(make_batch(make_series("m", [1.0])))
             await output.wait_for_points(1)
             nursery.cancel_scope.cancel()
     lines = [r.getMessage() for r in caplog.records]
-    assert any("relay-client: 127.0.0.1:" in line and "rejected us (auth): authentication failed" in line for line in lines)
+    assert any(
+        "relay-client: 127.0.0.1:" in line and "rejected us (auth): authentication failed" in line
+        for line in lines
+    )
     assert any("(node-1) rejected (auth): wrong token" in line for line in lines)
 
 
@@ -435,7 +472,9 @@ async def test_a_name_the_certificate_does_not_carry_is_refused(pki, caplog) -> 
         async with trio.open_nursery() as nursery:
             server, _, _ = await start_server(nursery, ssl_context=server_tls)
             impostor = RelayClient(
-                settings(client_name="node-8", relay_server=server.bound_addresses[0], initial_delay=5, max_delay=5),
+                settings(
+                    client_name="node-8", relay_server=server.bound_addresses[0], initial_delay=5, max_delay=5
+                ),
                 memory_store(),
                 ssl_context=client_tls(pki),
             )
@@ -443,7 +482,11 @@ async def test_a_name_the_certificate_does_not_carry_is_refused(pki, caplog) -> 
             while server.counters.rejected < 1:
                 await trio.sleep(0.01)
             nursery.cancel_scope.cancel()
-    assert any("(node-8) rejected (auth): client name 'node-8' is not in its certificate (names: node-7)" in r.getMessage() for r in caplog.records)
+    assert any(
+        "(node-8) rejected (auth): client name 'node-8' is not in its certificate (names: node-7)"
+        in r.getMessage()
+        for r in caplog.records
+    )
 
 
 async def test_a_server_certificate_the_client_does_not_trust_is_refused(pki, caplog) -> None:
@@ -461,7 +504,8 @@ async def test_a_server_certificate_the_client_does_not_trust_is_refused(pki, ca
                 await trio.sleep(0.01)
             nursery.cancel_scope.cancel()
     assert any(
-        "cannot reach 127.0.0.1:" in r.getMessage() and "TLS: the server's certificate is not trusted" in r.getMessage()
+        "cannot reach 127.0.0.1:" in r.getMessage()
+        and "TLS: the server's certificate is not trusted" in r.getMessage()
         for r in caplog.records
     )
 
@@ -503,7 +547,9 @@ def test_a_lost_metric_table_drops_the_batches_that_need_it(tmp_path, caplog) ->
 
 
 def test_large_batches_are_split_into_frames_that_fit() -> None:
-    series = [make_series(f"m{i % 3}", [float(j) for j in range(500)], attributes={"i": i}) for i in range(20)]
+    series = [
+        make_series(f"m{i % 3}", [float(j) for j in range(500)], attributes={"i": i}) for i in range(20)
+    ]
     ids = {"m0": 0, "m1": 1, "m2": 2}
     encoder = FrameEncoder(max_frame_size=4096)
     encoded = encode_records(encoder, series, ids, first_seq=7)
@@ -512,8 +558,17 @@ def test_large_batches_are_split_into_frames_that_fit() -> None:
     messages = [m for frame in encoded.frames for m in decoder.feed(frame)]
     assert [m.seq for m in messages] == list(range(7, 7 + len(encoded.frames)))
     names = {0: "m0", 1: "m1", 2: "m2"}
-    points = [(s.metric, s.attributes["i"], t, v) for m in messages for s in batch_from_wire(m, names).series for t, v in zip(s.timestamps, s.values, strict=True)]
-    assert points == [(s.metric, s.attributes["i"], t, v) for s in series for t, v in zip(s.timestamps, s.values, strict=True)]
+    points = [
+        (s.metric, s.attributes["i"], t, v)
+        for m in messages
+        for s in batch_from_wire(m, names).series
+        for t, v in zip(s.timestamps, s.values, strict=True)
+    ]
+    assert points == [
+        (s.metric, s.attributes["i"], t, v)
+        for s in series
+        for t, v in zip(s.timestamps, s.values, strict=True)
+    ]
 
 
 def test_the_plugin_checks_its_config_at_start(tmp_path) -> None:
@@ -524,7 +579,13 @@ def test_the_plugin_checks_its_config_at_start(tmp_path) -> None:
     with pytest.raises(ConfigError, match="plugins.relay-client: .*port 'x' is not a number"):
         convert_section({"relay_server": "host:x"}, RelayClientConfig, "plugins.relay-client")
     with pytest.raises(ConfigError, match=r"plugins.relay-client.retry: .*initial_delay"):
-        convert_section({"retry": {"initial_delay": "5s", "max_delay": "1s"}}, RelayClientConfig, "plugins.relay-client")
+        convert_section(
+            {"retry": {"initial_delay": "5s", "max_delay": "1s"}}, RelayClientConfig, "plugins.relay-client"
+        )
     with pytest.raises(ValueError, match="tls_ca '/nonexistent.pem': no such file"):
         build_client_ssl_context(RelayClientConfig(tls=True, tls_ca="/nonexistent.pem"))
-    assert msgspec.structs.asdict(RelayClientConfig().retry) == {"max_times": 8, "initial_delay": 0.5, "max_delay": 4.0}
+    assert msgspec.structs.asdict(RelayClientConfig().retry) == {
+        "max_times": 8,
+        "initial_delay": 0.5,
+        "max_delay": 4.0,
+    }

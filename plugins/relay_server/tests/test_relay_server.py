@@ -63,21 +63,29 @@ class RawClient:
                 return message
 
     async def hello(self, name: str = "node-1", stream_id: str = "stream-1", **kwargs) -> Accept | Reject:
-        await self.send(Hello(kwargs.pop("version", PROTOCOL_VERSION), name, stream_id, "test", kwargs.pop("token", None)))
+        await self.send(
+            Hello(kwargs.pop("version", PROTOCOL_VERSION), name, stream_id, "test", kwargs.pop("token", None))
+        )
         return await self.receive()
 
 
 def wire_series(metric_id: int, values: list[float], attributes: dict | None = None) -> WireSeries:
     return WireSeries(
-        metric_id, LOCAL_MACHINE, LOCAL_MACHINE_CONSUMER, dict(attributes or {}),
-        [T0 + i for i in range(len(values))], list(values),
+        metric_id,
+        LOCAL_MACHINE,
+        LOCAL_MACHINE_CONSUMER,
+        dict(attributes or {}),
+        [T0 + i for i in range(len(values))],
+        list(values),
     )
 
 
 CPU = MetricDef("cpu_percent", "%", "float", "CPU use")
 
 
-async def start_server(nursery: trio.Nursery, settings: ServerSettings | None = None, output=None, registry=None):
+async def start_server(
+    nursery: trio.Nursery, settings: ServerSettings | None = None, output=None, registry=None
+):
     server = RelayServer(settings or ServerSettings(address="127.0.0.1:0"), registry or MetricRegistry())
     output = output or CollectingOutput()
     pipeline = Pipeline([source_element(server, "relay-server"), output_element(output, "out")])
@@ -150,7 +158,9 @@ async def test_a_conflicting_definition_is_renamed_and_logged_once(caplog) -> No
             await client.stream.aclose()
             pipeline.stop()
     assert output.values("power_relay-client-node-9") == [1.5, 2.5]
-    assert registry.get("power_relay-client-node-9") == MetricDef("power_relay-client-node-9", "kW", "float", "measured in kW")
+    assert registry.get("power_relay-client-node-9") == MetricDef(
+        "power_relay-client-node-9", "kW", "float", "measured in kW"
+    )
     renames = [r.getMessage() for r in caplog.records if "conflicts with" in r.getMessage()]
     assert len(renames) == 1 and "'power'" in renames[0] and "node-9" in renames[0]
 
@@ -169,13 +179,19 @@ async def test_two_live_connections_with_one_client_name_log_a_warning(caplog) -
     assert any("two live connections use the client name 'twin'" in r.getMessage() for r in caplog.records)
 
 
-async def test_a_new_connection_of_the_same_stream_takes_over_and_resent_batches_are_not_written_twice() -> None:
+async def test_a_new_connection_of_the_same_stream_takes_over_and_resent_batches_are_not_written_twice() -> (
+    None
+):
     with trio.fail_after(10):
         async with trio.open_nursery() as nursery:
             server, output, pipeline = await start_server(nursery)
             old = await RawClient.connect(server.bound_addresses[0])
             await old.hello("node-1", stream_id="s")
-            await old.send(MetricDefs({0: CPU}), BatchMessage(1, [wire_series(0, [1.0])]), BatchMessage(2, [wire_series(0, [2.0])]))
+            await old.send(
+                MetricDefs({0: CPU}),
+                BatchMessage(1, [wire_series(0, [1.0])]),
+                BatchMessage(2, [wire_series(0, [2.0])]),
+            )
             await acked_through(old, 2)
             # The same stream reconnects (the old connection is half-open): it is told what was written.
             new = await RawClient.connect(server.bound_addresses[0])
@@ -184,7 +200,11 @@ async def test_a_new_connection_of_the_same_stream_takes_over_and_resent_batches
             bye = await old.receive()
             assert isinstance(bye, Goodbye) and bye.code == "superseded"
             # A client that did not see the ack resends 2; only 3 is new.
-            await new.send(MetricDefs({0: CPU}), BatchMessage(2, [wire_series(0, [2.0])]), BatchMessage(3, [wire_series(0, [3.0])]))
+            await new.send(
+                MetricDefs({0: CPU}),
+                BatchMessage(2, [wire_series(0, [2.0])]),
+                BatchMessage(3, [wire_series(0, [3.0])]),
+            )
             await acked_through(new, 3)
             await new.stream.aclose()
             pipeline.stop()
@@ -215,7 +235,10 @@ async def test_a_missing_or_wrong_token_is_rejected(caplog, token) -> None:
             server, _, pipeline = await start_server(nursery, settings)
             client = await RawClient.connect(server.bound_addresses[0])
             reject = await client.hello("node-1", token=token)
-            assert isinstance(reject, Reject) and (reject.code, reject.reason) == ("auth", "authentication failed")
+            assert isinstance(reject, Reject) and (reject.code, reject.reason) == (
+                "auth",
+                "authentication failed",
+            )
             good = await RawClient.connect(server.bound_addresses[0])
             assert isinstance(await good.hello("node-1", token="s3cret"), Accept)
             special = await RawClient.connect(server.bound_addresses[0])
@@ -254,7 +277,9 @@ async def test_bad_clients_are_disconnected_with_a_reason_and_others_go_on(caplo
             unknown_tag = msgspec.msgpack.encode(["launch", 1])
             unknown = await bad("unknown", len(unknown_tag).to_bytes(4, "big") + unknown_tag)
             assert "unexpected message type 'launch'" in unknown[0].reason
-            undefined = await bad("undefined", bytes(FrameEncoder().encode(BatchMessage(1, [wire_series(7, [1.0])]))))
+            undefined = await bad(
+                "undefined", bytes(FrameEncoder().encode(BatchMessage(1, [wire_series(7, [1.0])])))
+            )
             assert "metric id 7 was not defined in this session" in undefined[0].reason
             first_not_hello = await bad("nohello", bytes(FrameEncoder().encode(MetricDefs({}))), hello=False)
             assert isinstance(first_not_hello[0], Reject) and first_not_hello[0].code == "invalid"
@@ -275,7 +300,9 @@ async def test_bad_clients_are_disconnected_with_a_reason_and_others_go_on(caplo
         ("unknown", "unexpected message type"),
         ("undefined", "was not defined"),
     ]:
-        assert any(f"({name}) disconnected: " in line and reason in line and "127.0.0.1:" in line for line in lines), name
+        assert any(
+            f"({name}) disconnected: " in line and reason in line and "127.0.0.1:" in line for line in lines
+        ), name
     assert any("rejected (invalid): the first message must be 'hello', got 'defs'" in line for line in lines)
 
 
@@ -319,7 +346,9 @@ async def test_a_silent_client_is_dropped_after_three_heartbeat_intervals(autoju
     assert any("(quiet) disconnected: nothing received for 15s" in r.getMessage() for r in caplog.records)
 
 
-async def test_a_batch_an_output_dropped_is_not_acknowledged_and_the_client_is_asked_to_resend(caplog) -> None:
+async def test_a_batch_an_output_dropped_is_not_acknowledged_and_the_client_is_asked_to_resend(
+    caplog,
+) -> None:
     from agent.plugin import Output
 
     class DropsTheFirst(Output):
@@ -344,7 +373,11 @@ async def test_a_batch_an_output_dropped_is_not_acknowledged_and_the_client_is_a
             server, _, pipeline = await start_server(nursery, output=output)
             client = await RawClient.connect(server.bound_addresses[0])
             await client.hello("node-1", stream_id="s")
-            await client.send(MetricDefs({0: CPU}), BatchMessage(1, [wire_series(0, [1.0])]), BatchMessage(2, [wire_series(0, [2.0])]))
+            await client.send(
+                MetricDefs({0: CPU}),
+                BatchMessage(1, [wire_series(0, [1.0])]),
+                BatchMessage(2, [wire_series(0, [2.0])]),
+            )
             messages = []
             while (message := await client.receive()) is not None:
                 messages.append(message)
@@ -354,12 +387,18 @@ async def test_a_batch_an_output_dropped_is_not_acknowledged_and_the_client_is_a
             client = await RawClient.connect(server.bound_addresses[0])
             accept = await client.hello("node-1", stream_id="s")
             assert accept.acked_seq == 0
-            await client.send(MetricDefs({0: CPU}), BatchMessage(1, [wire_series(0, [1.0])]), BatchMessage(2, [wire_series(0, [2.0])]))
+            await client.send(
+                MetricDefs({0: CPU}),
+                BatchMessage(1, [wire_series(0, [1.0])]),
+                BatchMessage(2, [wire_series(0, [2.0])]),
+            )
             await acked_through(client, 2)
             await client.stream.aclose()
             pipeline.stop()
     assert sorted(output.values) == [1.0, 2.0]
-    assert any("an output could not write batch 1 of client 'node-1'" in r.getMessage() for r in caplog.records)
+    assert any(
+        "an output could not write batch 1 of client 'node-1'" in r.getMessage() for r in caplog.records
+    )
 
 
 async def test_at_shutdown_the_server_acknowledges_what_it_took_and_says_goodbye() -> None:
@@ -391,7 +430,10 @@ async def test_a_busy_address_is_a_startup_error_naming_it() -> None:
             with pytest.raises(BaseExceptionGroup) as raised:
                 await Pipeline([source_element(other, "relay-server")]).run()
             [error] = leaves(raised.value)
-            assert str(error) == f"source relay-server could not start: cannot listen on {taken}: Address already in use"
+            assert (
+                str(error)
+                == f"source relay-server could not start: cannot listen on {taken}: Address already in use"
+            )
             pipeline.stop()
 
 
@@ -458,7 +500,9 @@ async def test_fuzzed_frames_never_disturb_a_good_client() -> None:
             stream[0:4] = rng.randrange(2**32).to_bytes(4, "big")
         return bytes(stream)
 
-    settings = ServerSettings(address="127.0.0.1:0", handshake_timeout=1.0, heartbeat_interval=0.5, max_frame_size=65536)
+    settings = ServerSettings(
+        address="127.0.0.1:0", handshake_timeout=1.0, heartbeat_interval=0.5, max_frame_size=65536
+    )
     with trio.fail_after(30):
         async with trio.open_nursery() as nursery:
             server, output, pipeline = await start_server(nursery, settings)
@@ -498,5 +542,11 @@ async def test_fuzzed_frames_never_disturb_a_good_client() -> None:
                 while server.connections:
                     await trio.sleep(0.05)
             pipeline.stop()
-    good = [v for b in output.batches for s in b.series if s.attributes["relay_client"] == "good" for v in s.values]
+    good = [
+        v
+        for b in output.batches
+        for s in b.series
+        if s.attributes["relay_client"] == "good"
+        for v in s.values
+    ]
     assert good == [float(seq) for seq in range(1, 51)]
