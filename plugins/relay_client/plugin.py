@@ -65,7 +65,10 @@ class RelayClientConfig(OutputConfig, kw_only=True):
     retry: RetryConfig = msgspec.field(default_factory=RetryConfig)
 
     def __post_init__(self) -> None:
-        parse_address(self.relay_server)
+        try:
+            parse_address(self.relay_server)
+        except ValueError as exc:
+            raise ValueError(f"relay_server: {exc}") from None
         if self.buffer_max_length < 1:
             raise ValueError(f"buffer_max_length must be at least 1, got {self.buffer_max_length}")
         if self.buffer_timeout < 0:
@@ -75,11 +78,14 @@ class RelayClientConfig(OutputConfig, kw_only=True):
         if self.max_in_flight < 1:
             raise ValueError(f"max_in_flight must be at least 1, got {self.max_in_flight}")
         if not 1024 <= self.max_frame_size <= FRAME_SIZE_LIMIT:
-            raise ValueError(f"max_frame_size must be between 1KiB and 4GiB, got {self.max_frame_size}")
+            raise ValueError(
+                f"max_frame_size must be between 1KiB and 4GiB, got {int(self.max_frame_size)} bytes"
+            )
         for key in ("disk_buffer_max_size", "memory_buffer_max_size"):
             if getattr(self, key) < self.max_frame_size:
                 raise ValueError(
-                    f"{key} ({getattr(self, key)}) must be at least max_frame_size ({self.max_frame_size}):"
+                    f"{key} ({int(getattr(self, key))} bytes) must be at least max_frame_size"
+                    f" ({int(self.max_frame_size)} bytes):"
                     " the buffer holds whole batches"
                 )
         if bool(self.tls_cert) != bool(self.tls_key):
@@ -161,7 +167,7 @@ class RelayClientPlugin(Plugin):
             )
             buffer = DiskBuffer(directory, int(config.disk_buffer_max_size), config.disk_buffer_fsync)
             ctx.logger.info(
-                "disk buffer in %s (at most %s)", directory, format_size(config.disk_buffer_max_size)
+                "disk buffer in %s (at most %s)", directory, format_size(int(config.disk_buffer_max_size))
             )
         else:
             buffer = MemoryBuffer(int(config.memory_buffer_max_size))

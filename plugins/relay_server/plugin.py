@@ -38,9 +38,14 @@ class RelayServerConfig(PluginConfig, kw_only=True):
     tls_client_name_must_match: bool = True
 
     def __post_init__(self) -> None:
-        parse_address(self.address)
+        try:
+            parse_address(self.address)
+        except ValueError as exc:
+            raise ValueError(f"address: {exc}") from None
         if not 1024 <= self.max_frame_size <= FRAME_SIZE_LIMIT:
-            raise ValueError(f"max_frame_size must be between 1KiB and 4GiB, got {self.max_frame_size}")
+            raise ValueError(
+                f"max_frame_size must be between 1KiB and 4GiB, got {int(self.max_frame_size)} bytes"
+            )
         for key in ("handshake_timeout", "heartbeat_interval", "stream_retention"):
             if getattr(self, key) <= 0:
                 raise ValueError(f"{key} must be positive, got {getattr(self, key)!r}")

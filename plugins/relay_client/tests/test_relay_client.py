@@ -576,7 +576,9 @@ def test_the_plugin_checks_its_config_at_start(tmp_path) -> None:
     RelayClientPlugin().start(ctx, RelayClientConfig(client_name=""))
     [element] = ctx.elements
     assert element.obj.settings.client_name == socket.gethostname()
-    with pytest.raises(ConfigError, match="plugins.relay-client: .*port 'x' is not a number"):
+    with pytest.raises(
+        ConfigError, match="plugins.relay-client: relay_server: 'host:x': port 'x' is not a number"
+    ):
         convert_section({"relay_server": "host:x"}, RelayClientConfig, "plugins.relay-client")
     with pytest.raises(ConfigError, match=r"plugins.relay-client.retry: .*initial_delay"):
         convert_section(

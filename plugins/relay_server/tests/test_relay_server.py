@@ -550,3 +550,27 @@ async def test_fuzzed_frames_never_disturb_a_good_client() -> None:
         for v in s.values
     ]
     assert good == [float(seq) for seq in range(1, 51)]
+
+
+def test_config_and_start_errors_name_the_key_and_the_file(tmp_path, caplog) -> None:
+    from agent.config import ConfigError, convert_section
+    from agent.plugin import StartContext
+    from agent_plugins.relay_server.plugin import RelayServerConfig, RelayServerPlugin
+    from agent_plugins.relay_server.security import SecurityConfigError
+
+    where = "plugins.relay-server"
+    with pytest.raises(ConfigError, match=r"plugins.relay-server: address: '\[nope\]:1': 'nope' in brackets"):
+        convert_section({"address": "[nope]:1"}, RelayServerConfig, where)
+    with pytest.raises(ConfigError, match="max_frame_size must be between 1KiB and 4GiB"):
+        convert_section({"max_frame_size": "100"}, RelayServerConfig, where)
+    with pytest.raises(ConfigError, match=r"plugins.relay-server.handshake_timeout: expected a duration"):
+        convert_section({"handshake_timeout": "soon"}, RelayServerConfig, where)
+    ctx = StartContext("relay-server", MetricRegistry(), tmp_path, None)
+    with pytest.raises(SecurityConfigError, match="tls_cert and tls_key go together"):
+        RelayServerPlugin().start(ctx, RelayServerConfig(tls_cert="/x.pem"))
+    with pytest.raises(SecurityConfigError, match="tls_cert '/missing.pem': no such file"):
+        RelayServerPlugin().start(ctx, RelayServerConfig(tls_cert="/missing.pem", tls_key="/missing.pem"))
+    RelayServerPlugin().start(ctx, RelayServerConfig(token="t"))
+    assert any("token authentication without TLS" in r.getMessage() for r in caplog.records)
+    [element] = ctx.elements
+    assert element.obj.settings.address == "[::]:50051" and element.obj.settings.shutdown_timeout == 5.0
