@@ -23,6 +23,11 @@ from agent.plugin import Element, Plugin, StartContext
 log = logging.getLogger(__name__)
 
 
+#: A second SIGINT/SIGTERM within this many seconds of the first is the same request delivered twice;
+#: a later one means "exit now, without waiting for the outputs".
+DUPLICATE_SIGNAL_WINDOW = 1.0
+
+
 class PluginStartError(Exception):
     """A plugin's `start` failed; the message names the plugin and says why."""
 
@@ -113,17 +118,24 @@ class Agent:
             self.pipeline.stop(final_poll=final_poll)
 
     async def _watch_signals(self, pipeline: Pipeline, scope: trio.CancelScope) -> None:
+        first_at: float | None = None
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             async for signum in signals:
-                if not pipeline.stopping:
+                name = signal.Signals(signum).name
+                if first_at is None:
+                    first_at = trio.current_time()
                     log.info(
                         "%s received: stopping sources and writing what is buffered (grace period %s)",
-                        signal.Signals(signum).name,
+                        name,
                         self.config.agent.grace_period,
                     )
                     pipeline.stop()
+                elif trio.current_time() - first_at < DUPLICATE_SIGNAL_WINDOW:
+                    # The same stop delivered twice (`timeout` signals the child and its process
+                    # group; a supervisor may signal the whole group): not a request to hurry.
+                    continue
                 else:
-                    log.warning("second %s: exiting without waiting", signal.Signals(signum).name)
+                    log.warning("second %s: exiting without waiting for the outputs", name)
                     scope.cancel()
                     return
 

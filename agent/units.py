@@ -37,12 +37,18 @@ class Duration(float):
     def __repr__(self) -> str:
         return f"Duration({format_duration(self)!r})"
 
+    def __str__(self) -> str:
+        return format_duration(self)
+
 
 class Size(int):
     """A size in bytes; written "64MiB", "10 MB", "512KiB" or a number of bytes."""
 
     def __repr__(self) -> str:
         return f"Size({format_size(self)!r})"
+
+    def __str__(self) -> str:
+        return format_size(self)
 
 
 def parse_duration(text: str) -> Duration:
