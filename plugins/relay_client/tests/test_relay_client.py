@@ -591,3 +591,16 @@ def test_the_plugin_checks_its_config_at_start(tmp_path) -> None:
         "initial_delay": 0.5,
         "max_delay": 4.0,
     }
+
+
+def test_an_unset_node_name_means_the_hostname(tmp_path) -> None:
+    from agent import config as config_mod
+    from agent.manager import build_plugin_manager, collect_plugins
+
+    plugins = collect_plugins(build_plugin_manager(load_entry_points=False))
+    document = {"plugins": {"relay-client": {"client_name": "${NODE_NAME}"}}}
+    for env, expected in (({}, socket.gethostname()), ({"NODE_NAME": "node-42"}, "node-42")):
+        config = config_mod.resolve(document, plugins, path=None, env=env)
+        ctx = StartContext("relay-client", MetricRegistry(), tmp_path, config)
+        RelayClientPlugin().start(ctx, config.plugins["relay-client"])
+        assert ctx.elements[0].obj.settings.client_name == expected
