@@ -27,5 +27,8 @@ def lint(session: nox.Session) -> None:
 def benchmarks(session: nox.Session) -> None:
     """Every benchmark in benchmarks/, each printing its figures and a JSON line."""
     session.install("-e", ".")
+    # graphite's own relay (Twisted), for benchmarks/graphite.py's comparison; whisper because carbon
+    # refuses to start without a database plugin, even as a relay. Not part of the test suite.
+    session.install("carbon", "whisper")
     for script in sorted(glob.glob("benchmarks/*.py")):
         session.run("python", script, *session.posargs)
