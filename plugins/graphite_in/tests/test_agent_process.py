@@ -4,6 +4,7 @@ two fake carbon-caches through graphite-out's consistent hashing, and into the c
 from __future__ import annotations
 
 import csv
+import json
 import pickle
 import re
 import signal
@@ -71,6 +72,19 @@ async def start_agent(nursery: trio.Nursery, tmp_path: Path, config: str) -> Age
     return agent
 
 
+async def http_get(port: int, path: str) -> bytes:
+    """The body of a GET answered with 200 (HTTP/1.0: the server closes after the body)."""
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    async with stream:
+        await stream.send_all(f"GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n".encode())
+        response = b""
+        while data := await stream.receive_some(65536):
+            response += data
+    head, _, body = response.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200") or head.startswith(b"HTTP/1.0 200"), head
+    return body
+
+
 async def send_tcp(port: int, data: bytes) -> None:
     stream = await trio.open_tcp_stream("127.0.0.1", port)
     async with stream:
@@ -99,7 +113,7 @@ plaintext = "127.0.0.1:0"
 pickle = "127.0.0.1:0"
 
 [plugins.graphite-out]
-admin_http = ""
+admin_http = "127.0.0.1:0"
 admin_line = ""
 [[plugins.graphite-out.routes]]
 key = "carbon"
@@ -121,6 +135,11 @@ destinations = ["{carbons[0].address}:a", "{carbons[1].address}:b"]
                     await trio.sleep(0.05)
                 await trio.sleep(0.2)  # nothing more (no duplicates) arrives
                 assert sum(len(c.points) for c in carbons) == expected
+                # graphite-out's admin API shows graphite-in's recent bad lines.
+                admin = await agent.wait_for_stderr(
+                    re.compile(r"admin HTTP API on http://127\.0\.0\.1:(\d+)")
+                )
+                bad_lines = json.loads(await http_get(int(admin.group(1)), "/badlines"))
             finally:
                 returncode = await agent.stop()
             nursery.cancel_scope.cancel()
@@ -135,6 +154,9 @@ destinations = ["{carbons[0].address}:a", "{carbons[1].address}:b"]
     assert all(len(c.points) > expected / 4 for c in carbons)
     points = {path: (value, ts) for c in carbons for path, value, ts in c.points}
     assert points["e2e.plain.7"] == (7.0, T0 + 7) and points["e2e.pickle.9"] == (9.0, T0 + 9)
+    [bad] = bad_lines
+    assert bad["line"] == "e2e.bad line" and bad["reason"].startswith("field_count: ")
+    assert bad["peer"].startswith("127.0.0.1:")
     assert "graphite-in: stopped; plaintext: 20001 points, 1 bad (field_count 1)" in agent.stderr
     assert "pickle: 1000 points" in agent.stderr
 
