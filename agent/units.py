@@ -101,7 +101,7 @@ def format_size(size: int) -> str:
     for unit, length in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
         if size >= length and size % length == 0:
             return f"{size // length}{unit}"
-    return str(size)
+    return str(int(size))
 
 
 def decode_config_value(target: type, value: Any) -> Any:
