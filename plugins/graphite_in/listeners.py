@@ -503,7 +503,12 @@ class GraphiteInput(AutonomousSource):
                 size += len(data)
             if datagrams:
                 counters.datagrams += len(datagrams)
-                await self._take_datagrams(datagrams, counters, tag_cache)
+                try:
+                    await self._take_datagrams(datagrams, counters, tag_cache)
+                except Exception:
+                    # As for a TCP connection: a bug costs these datagrams, not the listener.
+                    counters.errors += 1
+                    log.exception("graphite-in udp: %d datagrams failed", len(datagrams))
 
     async def _take_datagrams(
         self,
