@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -21,8 +23,16 @@ def run(args: list[str], cwd: Path, timeout: float = 60, env: dict | None = None
     )
 
 
-def start(args: list[str], cwd: Path) -> subprocess.Popen:
-    return subprocess.Popen(AGENT + args, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+@contextlib.contextmanager
+def started(args: list[str], cwd: Path) -> Iterator[subprocess.Popen]:
+    """An agent process that is killed if the test leaves without stopping it."""
+    proc = subprocess.Popen(AGENT + args, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
 
 
 def read_csv(path: Path) -> list[dict[str, str]]:
@@ -46,11 +56,9 @@ def write_config(tmp_path: Path, text: str) -> Path:
 
 
 def test_no_config_generates_one_and_writes_csv(tmp_path: Path) -> None:
-    proc = start([], tmp_path)
-    try:
+    with started([], tmp_path) as proc:
         output = tmp_path / "agent-output.csv"
         wait_for(lambda: output.exists() and len(read_csv(output)) > 0)
-    finally:
         proc.send_signal(signal.SIGTERM)
         _, stderr = proc.communicate(timeout=30)
     assert proc.returncode == 0, stderr
@@ -105,10 +113,10 @@ def test_sigterm_writes_every_buffered_point(tmp_path: Path) -> None:
         "[plugins.system]\nenable = true\npoll_interval = '200ms'\nflush_interval = '1h'\n"
         "[plugins.csv]\nenable = true\nflush_interval = '1h'\n",
     )
-    proc = start([], tmp_path)
-    time.sleep(3)
-    proc.send_signal(signal.SIGTERM)
-    _, stderr = proc.communicate(timeout=30)
+    with started([], tmp_path) as proc:
+        time.sleep(3)
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=30)
     assert proc.returncode == 0, stderr
     rows = read_csv(tmp_path / "agent-output.csv")
     polls = {r["timestamp"] for r in rows if r["metric"].startswith("memory")}
