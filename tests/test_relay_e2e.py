@@ -303,7 +303,9 @@ def csv_points(path: Path) -> list[tuple[str, float, str]]:
     return rows
 
 
-def server_config(directory: Path, port: int) -> Path:
+def server_config(directory: Path, port: int, csv_flush_interval: str = "0s") -> Path:
+    """`csv_flush_interval`: how long the server's csv output holds batches before it writes them (and
+    only then acknowledges them)."""
     path = directory / "server.toml"
     path.write_text(
         f"""
@@ -318,7 +320,7 @@ heartbeat_interval = "1s"
 
 [plugins.csv]
 path = "{directory / "server.csv"}"
-flush_interval = "0s"
+flush_interval = "{csv_flush_interval}"
 """
     )
     return path
@@ -361,7 +363,10 @@ async def test_a_server_killed_mid_stream_loses_nothing(tmp_path) -> None:
     """graphite-in on the client, csv on the server: the server is SIGKILLed while points flow, then
     restarted. Every point arrives; the only duplicates are of batches in flight at the kill."""
     server_port, graphite_port = free_port(), free_port()
-    server_toml = server_config(tmp_path, server_port)
+    # The server's output writes (and only then acknowledges) every 300 ms, and the kill comes half-way
+    # between two writes: batches the client sent are in the server's memory, unwritten. A client that
+    # let go of batches when it sent them, not when the server acknowledged them, would lose those.
+    server_toml = server_config(tmp_path, server_port, csv_flush_interval="300ms")
     client_toml = client_config(
         tmp_path,
         server_port,
@@ -389,6 +394,11 @@ pickle = ""
                     server,
                     client,
                 )
+                written = (tmp_path / "server.csv").stat().st_size
+                await until(
+                    lambda: (tmp_path / "server.csv").stat().st_size > written, 5, "a write", server, client
+                )
+                await trio.sleep(0.15)
                 server.signal(signal.SIGKILL)
                 await server.wait(5)
             server = AgentProcess(server_toml, "server")
