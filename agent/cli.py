@@ -95,9 +95,13 @@ def load_config(options: Options, plugins: dict[str, PluginEntry], *, create: bo
             try:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 path.write_text(text, encoding="utf-8")
-                typer.echo(f"{path}: no config file, wrote one from the plugins' defaults and using it", err=True)
+                typer.echo(
+                    f"{path}: no config file, wrote one from the plugins' defaults and using it", err=True
+                )
             except OSError as exc:
-                typer.echo(f"{path}: no config file and cannot write one ({exc.strerror}); using defaults", err=True)
+                typer.echo(
+                    f"{path}: no config file and cannot write one ({exc.strerror}); using defaults", err=True
+                )
             import tomllib
 
             return config_mod.resolve(
@@ -123,8 +127,12 @@ def main_callback(
     relay_in: Annotated[
         str | None, typer.Option("--relay-in", help="Receive measurements from relay clients on ADDR:PORT.")
     ] = None,
-    log_level: Annotated[str | None, typer.Option("--log-level", help="debug, info, warning or error.")] = None,
-    once: Annotated[bool, typer.Option("--once", help="Poll every source once, flush every output, exit.")] = False,
+    log_level: Annotated[
+        str | None, typer.Option("--log-level", help="debug, info, warning or error.")
+    ] = None,
+    once: Annotated[
+        bool, typer.Option("--once", help="Poll every source once, flush every output, exit.")
+    ] = False,
     version: Annotated[bool, typer.Option("--version", help="Print the version and exit.")] = False,
 ) -> None:
     if version:

@@ -91,7 +91,9 @@ def substitute_env(value: Any, env: Mapping[str, str], where: str = "") -> Any:
                 return env[name]
             if default is not None:
                 return default
-            log.warning("%s: environment variable %s is not set; using an empty string", where or "config", name)
+            log.warning(
+                "%s: environment variable %s is not set; using an empty string", where or "config", name
+            )
             return ""
 
         return _ENV_REF.sub(replace, value)
@@ -255,7 +257,7 @@ def generate(available: Mapping[str, PluginEntry]) -> str:
     """
     parts = [
         "# Measurement agent configuration, generated from the installed plugins' defaults.",
-        "# Durations are strings such as \"500ms\", \"30s\", \"1m30s\"; sizes such as \"64MiB\".",
+        '# Durations are strings such as "500ms", "30s", "1m30s"; sizes such as "64MiB".',
         "# ${VAR} and ${VAR:-default} are replaced from the environment.",
         "",
         "[agent]",
@@ -265,7 +267,9 @@ def generate(available: Mapping[str, PluginEntry]) -> str:
         enabled = "true" if entry.cls.enabled_by_default else "false"
         sample = entry.cls.sample_config()
         if sample is not None:
-            text, count = _ENABLE_LINE.subn(lambda m: f"{m.group(1)}enable = {enabled}", sample, count=1)
+            text, count = _ENABLE_LINE.subn(
+                lambda m, on=enabled: f"{m.group(1)}enable = {on}", sample, count=1
+            )
             if count == 0:
                 text = re.sub(
                     rf"^\[plugins\.{re.escape(name)}\]\s*$",
@@ -322,4 +326,3 @@ def _toml_value(value: Any) -> str:
     if isinstance(value, dict):
         return "{" + ", ".join(f"{_toml_key(k)} = {_toml_value(v)}" for k, v in value.items()) + "}"
     raise TypeError(f"cannot write {value!r} as TOML")
-

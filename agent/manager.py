@@ -66,7 +66,9 @@ def build_plugin_manager(
         try:
             pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP)
         except Exception as exc:  # a broken third-party package must say which one it is
-            raise PluginLoadError(f"loading plugins from entry points {ENTRY_POINT_GROUP!r} failed: {exc}") from exc
+            raise PluginLoadError(
+                f"loading plugins from entry points {ENTRY_POINT_GROUP!r} failed: {exc}"
+            ) from exc
     try:
         pm.check_pending()
     except pluggy.PluginValidationError as exc:
@@ -84,10 +86,14 @@ def collect_plugins(pm: pluggy.PluginManager) -> dict[str, PluginEntry]:
         try:
             classes = impl.function()
         except Exception as exc:
-            raise PluginLoadError(f"plugin module {impl.plugin_name!r} failed to list its plugins: {exc}") from exc
+            raise PluginLoadError(
+                f"plugin module {impl.plugin_name!r} failed to list its plugins: {exc}"
+            ) from exc
         for cls in classes or ():
             if not (isinstance(cls, type) and issubclass(cls, Plugin)) or not getattr(cls, "name", ""):
-                raise PluginLoadError(f"plugin module {impl.plugin_name!r} returned {cls!r}, not a named Plugin class")
+                raise PluginLoadError(
+                    f"plugin module {impl.plugin_name!r} returned {cls!r}, not a named Plugin class"
+                )
             if cls.name in found:
                 raise PluginLoadError(
                     f"two plugins are named {cls.name!r}: from {found[cls.name].origin} and from {origin}"

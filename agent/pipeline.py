@@ -19,10 +19,10 @@ from __future__ import annotations
 
 import logging
 import math
-from functools import partial
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import trio
@@ -244,7 +244,9 @@ class OutputInbox:
         await self._changed.wait()
 
 
-async def run_write_loop(output: Output, inbox: OutputInbox, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+async def run_write_loop(
+    output: Output, inbox: OutputInbox, task_status: Any = trio.TASK_STATUS_IGNORED
+) -> None:
     """The loop behind `Output.write`: gather, write, acknowledge; retry with backoff on errors."""
     await output.open()
     task_status.started()
@@ -263,7 +265,12 @@ async def run_write_loop(output: Output, inbox: OutputInbox, task_status: Any = 
                 except Exception as exc:
                     inbox.counters.failed_writes += 1
                     delay = backoff.next_delay()
-                    log.error("output %s: write failed: %s; retrying in %.1fs", inbox.name, describe_exception(exc), delay)
+                    log.error(
+                        "output %s: write failed: %s; retrying in %.1fs",
+                        inbox.name,
+                        describe_exception(exc),
+                        delay,
+                    )
                     log.debug("output %s: write failure", inbox.name, exc_info=True)
                     await trio.sleep(delay)
                     continue
@@ -291,8 +298,10 @@ def describe_exception(exc: BaseException) -> str:
     if isinstance(exc, BaseExceptionGroup):
         return "; ".join(describe_exception(e) for e in exc.exceptions)
     text = str(exc).strip().replace("\n", " ")
-    text = f"{type(exc).__name__}: {text}" if text and not isinstance(exc, StartupError | OSError) else (
-        text or type(exc).__name__
+    text = (
+        f"{type(exc).__name__}: {text}"
+        if text and not isinstance(exc, StartupError | OSError)
+        else (text or type(exc).__name__)
     )
     return text if len(text) < 300 else text[:297] + "..."
 
@@ -331,9 +340,9 @@ class Pipeline:
                 self.outputs.append((e, inbox))
             elif e.kind == "source":
                 self.sources[e.full_name] = SourceState(e)
-        self._send_channel, self._receive_channel = trio.open_memory_channel[tuple[Batch, AckCallback | None]](
-            self.source_channel_size
-        )
+        self._send_channel, self._receive_channel = trio.open_memory_channel[
+            tuple[Batch, AckCallback | None]
+        ](self.source_channel_size)
         self._stop_sources = trio.Event()
         self._stopping = False
         self._final_poll = False
@@ -392,7 +401,9 @@ class Pipeline:
                     for name, state in self.sources.items():
                         src = state.element.obj
                         if isinstance(src, PolledSource):
-                            polled.start_soon(self._supervise, f"source {name}", self._polled_loop, state, once)
+                            polled.start_soon(
+                                self._supervise, f"source {name}", self._polled_loop, state, once
+                            )
                         elif not once:
                             await autonomous.start(self._run_autonomous, name, src)
                     if self.self_metrics_interval > 0 and not once:
@@ -411,7 +422,10 @@ class Pipeline:
             outer.cancel_scope.cancel()
 
     async def _run_autonomous(
-        self, name: str, source: AutonomousSource, task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED
+        self,
+        name: str,
+        source: AutonomousSource,
+        task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         """Runs one autonomous source. Failing before it is ready is a startup error (a listener that
         cannot bind); crashing later is logged and restarted with backoff."""
@@ -493,7 +507,10 @@ class Pipeline:
             state.errors += 1
             if state.errors == 1 or math.log2(state.errors).is_integer():
                 log.error(
-                    "source %s: poll failed (%d so far): %s", state.element.full_name, state.errors, describe_exception(exc)
+                    "source %s: poll failed (%d so far): %s",
+                    state.element.full_name,
+                    state.errors,
+                    describe_exception(exc),
                 )
             log.debug("poll failure", exc_info=True)
         state.polls += 1
@@ -525,7 +542,9 @@ class Pipeline:
             except Exception as exc:
                 inbox.requeue_taken()
                 delay = backoff.next_delay()
-                log.error("output %s failed: %s; restarting in %.1fs", inbox.name, describe_exception(exc), delay)
+                log.error(
+                    "output %s failed: %s; restarting in %.1fs", inbox.name, describe_exception(exc), delay
+                )
                 log.debug("output %s failure", inbox.name, exc_info=True)
                 await trio.sleep(delay)
 
@@ -541,7 +560,11 @@ class Pipeline:
                     except Exception as exc:
                         # A broken transform must not lose data: the batch goes on unchanged.
                         self.transform_errors += 1
-                        log.error("transform %s failed, batch passed on unchanged: %s", name, describe_exception(exc))
+                        log.error(
+                            "transform %s failed, batch passed on unchanged: %s",
+                            name,
+                            describe_exception(exc),
+                        )
                         log.debug("transform failure", exc_info=True)
                         continue
                     if result is None:
@@ -587,7 +610,9 @@ class Pipeline:
                 ("agent_output_points_dropped_total", c.dropped),
                 ("agent_output_points_queued", inbox.queued_points),
             ):
-                series.append(Series(metric, LOCAL_MACHINE, LOCAL_MACHINE_CONSUMER, {"output": name}, [ts], [value]))
+                series.append(
+                    Series(metric, LOCAL_MACHINE, LOCAL_MACHINE_CONSUMER, {"output": name}, [ts], [value])
+                )
         for name, state in self.sources.items():
             series.append(
                 Series(

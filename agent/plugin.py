@@ -68,7 +68,7 @@ class PolledSource(abc.ABC):
     async def poll(self, points: BatchBuilder, timestamp_ns: int) -> None:
         """Measures once, adding points to `points`. `timestamp_ns` is the time of this poll."""
 
-    async def close(self) -> None:
+    async def close(self) -> None:  # noqa: B027 (optional: most sources hold nothing)
         """Releases what the source holds (files, connections). Called once at shutdown."""
 
 
@@ -106,7 +106,9 @@ class AutonomousSource(abc.ABC):
     """A source that runs on its own: a listener, a subscriber, a load generator."""
 
     @abc.abstractmethod
-    async def run(self, sink: SourceSink, task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED) -> None:
+    async def run(
+        self, sink: SourceSink, task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED
+    ) -> None:
         """Runs until cancelled (or until it has nothing more to send), pushing batches into `sink`.
         Call `task_status.started(value)` once ready (listening), so that the core, the CLI and tests
         know it is up; `value` is typically the bound address."""
@@ -144,7 +146,9 @@ class Output:
     async def close(self) -> None:
         """Called once after the last write, at shutdown."""
 
-    async def run(self, inbox: OutputInbox, task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED) -> None:
+    async def run(
+        self, inbox: OutputInbox, task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED
+    ) -> None:
         """The default loop over `write`. Override for full control: take envelopes with
         `inbox.receive_batch`, call `env.done(ok)` on each once written; return when the inbox is
         exhausted (shutdown)."""
@@ -276,7 +280,7 @@ class Plugin(abc.ABC):
         """Registers metrics and adds elements. Raise an exception with a clear message if the plugin
         cannot start (missing device, bad permissions): the agent reports it with the plugin's name."""
 
-    def stop(self) -> None:
+    def stop(self) -> None:  # noqa: B027 (optional: most plugins have nothing to release)
         """Called once after the pipeline stopped."""
 
     @classmethod

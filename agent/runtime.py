@@ -105,7 +105,9 @@ class Agent:
                     finished.set()
 
                 await nursery.start(run_pipeline)
-                self._hook("agent_pipeline_started", plugin_names=list(self.started), elements=list(self.elements))
+                self._hook(
+                    "agent_pipeline_started", plugin_names=list(self.started), elements=list(self.elements)
+                )
                 task_status.started()
                 await finished.wait()
                 self._hook("agent_pipeline_stopped", counters=pipeline.counters())

@@ -157,7 +157,9 @@ def partial_run(pipeline: Pipeline, grace_period: float) -> Any:
     return run
 
 
-async def run_output(output: Output, batches: Sequence[Batch], config: OutputConfig | None = None) -> dict[str, int]:
+async def run_output(
+    output: Output, batches: Sequence[Batch], config: OutputConfig | None = None
+) -> dict[str, int]:
     """Feeds batches through one output in a real pipeline, drains it, returns its counters
     (received, written, dropped, queued)."""
     element = output_element(output, "output", config)

@@ -65,7 +65,9 @@ def parse_duration(text: str) -> Duration:
             try:
                 return Duration(humanfriendly.parse_timespan(stripped))
             except humanfriendly.InvalidTimespan:
-                raise ValueError(f'expected a duration like "30s", "500ms" or "1m30s", got {text!r}') from None
+                raise ValueError(
+                    f'expected a duration like "30s", "500ms" or "1m30s", got {text!r}'
+                ) from None
         total += float(match.group(1)) * _DURATION_UNITS[match.group(2).lower()]
         pos = match.end()
     return Duration(total)

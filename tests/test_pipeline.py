@@ -7,7 +7,15 @@ import trio.testing
 
 from agent.model import LOCAL_MACHINE, LOCAL_MACHINE_CONSUMER, Batch
 from agent.pipeline import Pipeline
-from agent.plugin import AutonomousSource, BatchBuilder, Output, OutputConfig, PolledSource, SourceSink, Transform
+from agent.plugin import (
+    AutonomousSource,
+    BatchBuilder,
+    Output,
+    OutputConfig,
+    PolledSource,
+    SourceSink,
+    Transform,
+)
 from agent.testing import (
     CollectingOutput,
     make_batch,
