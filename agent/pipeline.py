@@ -346,7 +346,13 @@ class Pipeline:
         self._stop_sources = trio.Event()
         self._stopping = False
         self._final_poll = False
-        self._poll_now: dict[str, trio.Event] = {}
+        #: Set once every polled source has polled once (`agent exec` starts its command then).
+        self.first_polls_done = trio.Event()
+        self._first_polls_pending = sum(
+            isinstance(state.element.obj, PolledSource) for state in self.sources.values()
+        )
+        if self._first_polls_pending == 0:
+            self.first_polls_done.set()
 
     # -- public control --
 
@@ -463,13 +469,13 @@ class Pipeline:
 
     async def _polled_loop(self, state: SourceState, once: bool) -> None:
         source: PolledSource = state.element.obj
-        name = state.element.full_name
         poll_interval = max(float(source.poll_interval), 1e-6)
         flush_every = max(1, round(float(source.flush_interval) / poll_interval))
         builder = BatchBuilder()
-        polls_since_flush = 0
+        # The first poll goes out at once, so that a new agent shows points at once; then every
+        # `flush_every` polls.
+        polls_since_flush = flush_every - 1
         next_poll = trio.current_time()
-        trigger = self._poll_now.setdefault(name, trio.Event())
         try:
             while True:
                 await self._poll_once(state, builder)
@@ -489,8 +495,6 @@ class Pipeline:
                     if self._final_poll:
                         await self._poll_once(state, builder)
                     break
-                if trigger.is_set():
-                    trigger = self._poll_now[name] = trio.Event()
         finally:
             if len(builder):
                 # Points already measured are never dropped at shutdown.
@@ -515,6 +519,10 @@ class Pipeline:
             log.debug("poll failure", exc_info=True)
         state.polls += 1
         state.points += len(builder) - before
+        if state.polls == 1:
+            self._first_polls_pending -= 1
+            if self._first_polls_pending == 0:
+                self.first_polls_done.set()
 
     async def _run_outputs_and_dispatch(self, scope: trio.CancelScope, done: trio.Event) -> None:
         with scope:

@@ -44,12 +44,15 @@ async def test_polls_on_schedule_and_flushes_every_n_polls(autojump_clock: trio.
     out = CollectingOutput()
     start = trio.current_time()
     async with running_pipeline([source_element(source)], [out]):
-        await trio.sleep(13.0)
-        # Polls at 0, 2, 4, ... 12; flushed in batches of three polls: after 4, 10.
-        assert [t - start for t in source.polls] == [0, 2, 4, 6, 8, 10, 12]
-        assert [len(b) for b in out.batches] == [3, 3]
-    # At shutdown the last poll (12) is flushed, not lost.
-    assert out.values() == [1, 2, 3, 4, 5, 6, 7]
+        await trio.sleep(11.0)
+        # Polls at 0, 2, 4, ... 10. The first poll goes out at once (a new agent shows points at
+        # once), then batches of three polls: after the polls at 2, 4 and 6.
+        assert [t - start for t in source.polls] == [0, 2, 4, 6, 8, 10]
+        assert [len(b) for b in out.batches] == [1, 3]
+        assert [b.series[0].values for b in out.batches] == [[1], [2, 3, 4]]
+    # At shutdown the polls at 8 and 10, still buffered in the source, are flushed, not lost.
+    assert [len(b) for b in out.batches] == [1, 3, 2]
+    assert out.values() == [1, 2, 3, 4, 5, 6]
 
 
 async def test_final_poll_at_stop(autojump_clock: trio.testing.MockClock) -> None:
@@ -60,7 +63,9 @@ async def test_final_poll_at_stop(autojump_clock: trio.testing.MockClock) -> Non
     assert out.values() == [1, 2]
 
 
-async def test_a_slow_output_does_not_stall_sources_or_other_outputs(autojump_clock: trio.testing.MockClock) -> None:
+async def test_a_slow_output_does_not_stall_sources_or_other_outputs(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
     source = CountingSource(poll_interval=1.0, flush_interval=1.0)
     fast = CollectingOutput()
     stuck = CollectingOutput(delay=10_000)  # a write never finishes within the test
@@ -94,7 +99,10 @@ async def test_block_policy_holds_back_the_source(autojump_clock: trio.testing.M
                 sent.append(i)
 
     slow = CollectingOutput(delay=1.0)
-    elements = [source_element(Pusher()), output_element(slow, "slow", OutputConfig(queue_max_points=10, overflow="block"))]
+    elements = [
+        source_element(Pusher()),
+        output_element(slow, "slow", OutputConfig(queue_max_points=10, overflow="block")),
+    ]
     pipeline = Pipeline(elements, source_channel_size=0)
     async with trio.open_nursery() as nursery:
         await nursery.start(pipeline.run)
@@ -115,7 +123,10 @@ async def test_acks_fire_once_every_output_wrote(autojump_clock: trio.testing.Mo
     async with running_pipeline([], [a, b]) as pipeline:
         sink = pipeline.sink()
         start = trio.current_time()
-        await sink.send(make_batch(make_series(values=[1, 2])), lambda ok: results.append((trio.current_time() - start, ok)))
+        await sink.send(
+            make_batch(make_series(values=[1, 2])),
+            lambda ok: results.append((trio.current_time() - start, ok)),
+        )
         await trio.sleep(1.0)
         assert results == []  # b has not written yet
         await trio.sleep(5.0)
@@ -168,7 +179,10 @@ async def test_transforms_run_in_order_and_can_drop(autojump_clock: trio.testing
 
     out = CollectingOutput()
     acks: list[bool] = []
-    elements = [transform_element(t, n) for n, t in [("scale", Scale()), ("broken", Broken()), ("add", AddOne()), ("drop", DropNegative())]]
+    elements = [
+        transform_element(t, n)
+        for n, t in [("scale", Scale()), ("broken", Broken()), ("add", AddOne()), ("drop", DropNegative())]
+    ]
     async with running_pipeline(elements, [out]) as pipeline:
         sink = pipeline.sink()
         await sink.send(make_batch(make_series(values=[1, 2])))
@@ -239,12 +253,17 @@ async def test_self_metrics_are_ordinary_points(autojump_clock: trio.testing.Moc
         await trio.sleep(10.5)
         pipeline.stop()
     written = [
-        (s.attributes, s.values[0]) for b in out.batches for s in b.series if s.metric == "agent_output_points_received_total"
+        (s.attributes, s.values[0])
+        for b in out.batches
+        for s in b.series
+        if s.metric == "agent_output_points_received_total"
     ]
     assert written and written[0][0] == {"output": "out"} and written[0][1] >= 10
 
 
-async def test_malformed_series_are_dropped_not_retried_forever(autojump_clock: trio.testing.MockClock) -> None:
+async def test_malformed_series_are_dropped_not_retried_forever(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
     out = CollectingOutput()
     bad = make_series("bad", values=[1, 2])
     bad.timestamps.pop()
@@ -252,3 +271,117 @@ async def test_malformed_series_are_dropped_not_retried_forever(autojump_clock: 
         await pipeline.sink().send(make_batch(bad, make_series("good", values=[3])))
     assert out.values() == [3]
     assert pipeline.invalid_series == 1
+
+
+async def test_first_polls_done_once_every_polled_source_polled(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    class SlowSource(CountingSource):
+        async def poll(self, points: BatchBuilder, timestamp_ns: int) -> None:
+            await trio.sleep(3.0)
+            await super().poll(points, timestamp_ns)
+
+    fast, slow = CountingSource(poll_interval=10.0), SlowSource(poll_interval=10.0)
+    elements = [source_element(fast, "fast"), source_element(slow, "slow")]
+    async with running_pipeline(elements) as pipeline:
+        start = trio.current_time()
+        await pipeline.first_polls_done.wait()
+        # `agent exec` starts its command here: after the slow source's first poll, not before.
+        assert trio.current_time() - start == 3.0
+        assert (len(fast.polls), len(slow.polls)) == (1, 1)
+
+
+async def test_a_failing_poll_is_logged_by_name_counted_and_polling_goes_on(
+    autojump_clock: trio.testing.MockClock, caplog
+) -> None:
+    class Flaky(CountingSource):
+        async def poll(self, points: BatchBuilder, timestamp_ns: int) -> None:
+            await super().poll(points, timestamp_ns)
+            if len(self.polls) in (2, 3):
+                raise OSError("sensor unplugged")
+
+    source = Flaky(poll_interval=1.0, flush_interval=1.0)
+    out = CollectingOutput()
+    async with running_pipeline([source_element(source, "sensors")], [out]) as pipeline:
+        await trio.sleep(4.5)
+    assert len(source.polls) == 5
+    assert pipeline.sources["sensors"].errors == 2
+    messages = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert messages == [
+        "source sensors: poll failed (1 so far): sensor unplugged",
+        "source sensors: poll failed (2 so far): sensor unplugged",
+    ]
+    # A poll that raised after adding its point keeps the point: it was measured.
+    assert out.values() == [1, 2, 3, 4, 5]
+
+
+async def test_a_crashing_output_is_logged_by_name_and_restarted_with_growing_delays(
+    autojump_clock: trio.testing.MockClock, caplog
+) -> None:
+    class Crashy(Output):
+        def __init__(self) -> None:
+            self.starts: list[float] = []
+
+        async def run(self, inbox, task_status=trio.TASK_STATUS_IGNORED) -> None:
+            self.starts.append(trio.current_time())
+            if len(self.starts) <= 4:
+                raise ConnectionResetError("peer went away")
+            while envs := await inbox.receive_batch():
+                for env in envs:
+                    env.done(True)
+
+    crashy, healthy = Crashy(), CollectingOutput()
+    elements = [output_element(crashy, "crashy"), output_element(healthy, "healthy")]
+    pipeline = Pipeline(elements, restart_backoff=(1.0, 60.0))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(pipeline.run)
+        acks: list[bool] = []
+        await pipeline.sink().send(make_batch(make_series(values=[1.0])), acks.append)
+        await trio.sleep(0.1)
+        # The other output is not held back while crashy crashes.
+        assert healthy.values() == [1.0]
+        await trio.sleep(30)
+        pipeline.stop()
+    assert acks == [True]  # crashy wrote the batch after its restarts
+    gaps = [b - a for a, b in zip(crashy.starts, crashy.starts[1:], strict=False)]
+    # Backoff 1 s doubling, with "equal jitter" (each delay in [d/2, d]).
+    for gap, nominal in zip(gaps, [1, 2, 4, 8], strict=True):
+        assert nominal / 2 <= gap <= nominal
+    crashes = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(crashes) == 4
+    assert all(m.startswith("output crashy failed: peer went away; restarting in") for m in crashes)
+
+
+async def test_self_metrics_count_received_written_dropped_queued_per_output(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    out = CollectingOutput()
+    stuck = CollectingOutput(delay=10_000)
+    elements = [
+        output_element(out, "out"),
+        output_element(stuck, "stuck", OutputConfig(queue_max_points=3)),
+    ]
+    pipeline = Pipeline(elements, self_metrics_interval=10.0)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(pipeline.run)
+        for _ in range(5):
+            await pipeline.sink().send(make_batch(make_series("m", [1.0, 2.0])))
+        await trio.sleep(10.5)
+        nursery.cancel_scope.cancel()
+    reported = {
+        (s.metric, s.attributes["output"]): s.values[0]
+        for b in out.batches
+        for s in b.series
+        if s.metric.startswith("agent_output_")
+    }
+    assert reported == {
+        ("agent_output_points_received_total", "out"): 10,
+        ("agent_output_points_written_total", "out"): 10,
+        ("agent_output_points_dropped_total", "out"): 0,
+        ("agent_output_points_queued", "out"): 0,
+        # stuck holds one 2-point batch in its write; each new batch pushes the queued one out.
+        ("agent_output_points_received_total", "stuck"): 10,
+        ("agent_output_points_written_total", "stuck"): 0,
+        ("agent_output_points_dropped_total", "stuck"): 6,
+        ("agent_output_points_queued", "stuck"): 4,
+    }
