@@ -170,7 +170,10 @@ class RelayClient(Output):
         ssl_context: ssl.SSLContext | None = None,
         connect: Callable[[], Awaitable[trio.abc.Stream]] | None = None,
         rng: random.Random | None = None,
+        store: BatchStore | None = None,
     ) -> None:
+        """`store`: the buffer already opened from `buffer` (the plugin opens the disk buffer at start,
+        to report a directory it cannot use as a startup error); the first run uses it."""
         self.settings = settings
         self.host, self.port = parse_address(settings.relay_server)
         self.registry = registry
@@ -180,6 +183,7 @@ class RelayClient(Output):
         self._rng = rng or random.Random()
         self.counters = ClientCounters()
         self.store: BatchStore | None = None
+        self._opened_store = store
         self.connected = False
         #: Called with the delay before each reconnection attempt (tests record the schedule).
         self.on_retry_delay: Callable[[float], None] | None = None
@@ -219,9 +223,12 @@ class RelayClient(Output):
         self, inbox: OutputInbox, task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED
     ) -> None:
         self._stopping = False
-        self.store = (
-            await trio.to_thread.run_sync(self.buffer.open) if self.buffer.durable else self.buffer.open()
-        )
+        if self._opened_store is not None:
+            self.store, self._opened_store = self._opened_store, None
+        else:
+            self.store = (
+                await trio.to_thread.run_sync(self.buffer.open) if self.buffer.durable else self.buffer.open()
+            )
         store = self.store
         self._acked_seq = store.log.committed_seq
         self._recent.clear()
@@ -253,6 +260,12 @@ class RelayClient(Output):
         finally:
             with trio.CancelScope(shield=True):
                 await self._close_store()
+
+    def close_unused_store(self) -> None:
+        """Closes the store given at construction if no run took it (the agent did not start)."""
+        if self._opened_store is not None:
+            self._opened_store.close()
+            self._opened_store = None
 
     async def _close_store(self) -> None:
         store = self.store

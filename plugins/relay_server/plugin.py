@@ -7,7 +7,7 @@ autonomous source (`server.py`). The protocol is docs/relay-protocol.md.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 import msgspec
 
@@ -18,6 +18,10 @@ from agent_plugins.relay_protocol.framing import FRAME_SIZE_LIMIT
 from .security import build_server_ssl_context
 from .server import RelayServer, ServerSettings
 
+#: Integer keys checked by msgspec itself, so that an error names the key's full path
+#: (`config error: plugins.relay-server.max_connections: expected int >= 1`).
+AtLeastOne = Annotated[int, msgspec.Meta(ge=1)]
+
 
 class RelayServerConfig(PluginConfig, kw_only=True):
     """The `[plugins.relay-server]` table."""
@@ -26,10 +30,10 @@ class RelayServerConfig(PluginConfig, kw_only=True):
     max_frame_size: Size = Size(16 * 1024 * 1024)
     handshake_timeout: Duration = Duration(10.0)
     heartbeat_interval: Duration = Duration(5.0)
-    max_in_flight: int = 64
-    max_connections: int = 10_000
+    max_in_flight: AtLeastOne = 64
+    max_connections: AtLeastOne = 10_000
     stream_retention: Duration = Duration(7 * 86400.0)
-    max_streams: int = 100_000
+    max_streams: AtLeastOne = 100_000
     token: str = ""
     client_tokens: dict[str, str] = msgspec.field(default_factory=dict)
     tls_cert: str = ""
@@ -38,20 +42,24 @@ class RelayServerConfig(PluginConfig, kw_only=True):
     tls_client_name_must_match: bool = True
 
     def __post_init__(self) -> None:
+        # Each message starts with the key it is about (the key's path when the core's config loader
+        # moves it there; graphite-in does the same).
         try:
             parse_address(self.address)
         except ValueError as exc:
             raise ValueError(f"address: {exc}") from None
         if not 1024 <= self.max_frame_size <= FRAME_SIZE_LIMIT:
             raise ValueError(
-                f"max_frame_size must be between 1KiB and 4GiB, got {int(self.max_frame_size)} bytes"
+                f"max_frame_size: must be between 1KiB and 4GiB, got {int(self.max_frame_size)} bytes"
             )
         for key in ("handshake_timeout", "heartbeat_interval", "stream_retention"):
             if getattr(self, key) <= 0:
-                raise ValueError(f"{key} must be positive, got {getattr(self, key)!r}")
-        for key in ("max_in_flight", "max_connections", "max_streams"):
-            if getattr(self, key) < 1:
-                raise ValueError(f"{key} must be at least 1, got {getattr(self, key)}")
+                raise ValueError(f"{key}: must be positive, got {float(getattr(self, key)):g}s")
+        if bool(self.tls_cert) != bool(self.tls_key):
+            key = "tls_key" if self.tls_cert else "tls_cert"
+            raise ValueError(f"{key}: tls_cert and tls_key go together: set both for TLS, or neither")
+        if self.tls_client_ca and not self.tls_cert:
+            raise ValueError("tls_client_ca: client certificates need TLS: set tls_cert and tls_key too")
 
 
 def settings_from_config(config: RelayServerConfig, grace_period: float = 10.0) -> ServerSettings:

@@ -14,9 +14,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from agent.pipeline import StartupError
 
-class SecurityConfigError(ValueError):
-    """A TLS file that cannot be used; the message names the key and the file."""
+
+class SecurityConfigError(StartupError):
+    """A TLS file that cannot be used; the message names the key and the file (the agent reports it
+    as the plugin's startup error)."""
 
 
 def build_server_ssl_context(cert: str, key: str, client_ca: str) -> ssl.SSLContext | None:
@@ -27,6 +30,7 @@ def build_server_ssl_context(cert: str, key: str, client_ca: str) -> ssl.SSLCont
     if not cert and not key and not client_ca:
         return None
     if not cert or not key:
+        # The config checks this already (RelayServerConfig); callers that build a context directly too.
         raise SecurityConfigError("tls_cert and tls_key go together: set both for TLS, or neither")
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
@@ -51,8 +55,13 @@ def build_server_ssl_context(cert: str, key: str, client_ca: str) -> ssl.SSLCont
 
 
 def _check_file(key: str, path: str) -> None:
-    if not Path(path).is_file():
-        raise SecurityConfigError(f"{key} {path!r}: no such file")
+    """The file must be readable by this process: else an error naming the key, the file and why (the
+    ssl module's own errors do not name the file)."""
+    try:
+        with Path(path).open("rb"):
+            pass
+    except OSError as exc:
+        raise SecurityConfigError(f"{key} {path!r}: {exc.strerror or exc}") from None
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import re
 import socket
 import ssl
 from pathlib import Path
@@ -17,7 +18,7 @@ import trustme
 
 from agent.config import ConfigError, convert_section
 from agent.model import MetricDef, MetricRegistry
-from agent.pipeline import Pipeline
+from agent.pipeline import Pipeline, StartupError
 from agent.plugin import StartContext
 from agent.testing import (
     CollectingOutput,
@@ -571,21 +572,93 @@ def test_large_batches_are_split_into_frames_that_fit() -> None:
     ]
 
 
-def test_the_plugin_checks_its_config_at_start(tmp_path) -> None:
+# A bad value of each key: the one-line error names the key. Type errors come from msgspec with the key's
+# path (`plugins.relay-client.retry.max_times: ...`); range checks of durations and sizes say "KEY: ..."
+# after the table's path, which the config loader may fold into the path: both forms are accepted.
+BAD_CLIENT_VALUES = [
+    ({"client_name": 5}, "client_name", "expected str, got int"),
+    ({"relay_server": "host:x"}, "relay_server", "'host:x': port 'x' is not a number"),
+    ({"relay_server": "::1:50051"}, "relay_server", "put an IPv6 address in brackets"),
+    ({"relay_server": ""}, "relay_server", 'expected an address like "127.0.0.1:50051"'),
+    ({"buffer_max_length": 0}, "buffer_max_length", "expected int >= 1"),
+    ({"buffer_max_length": "many"}, "buffer_max_length", "expected int, got str"),
+    ({"buffer_timeout": "soon"}, "buffer_timeout", 'expected a duration like "30s"'),
+    ({"buffer_timeout": -1}, "buffer_timeout", "must not be negative, got -1s"),
+    ({"retry": {"max_times": -1}}, "retry.max_times", "expected int >= 1"),
+    ({"retry": {"max_times": "x"}}, "retry.max_times", "expected int, got str"),
+    ({"retry": {"initial_delay": "fast"}}, "retry.initial_delay", 'expected a duration like "30s"'),
+    ({"retry": {"initial_delay": -2}}, "retry.initial_delay", "must not be negative, got -2s"),
+    ({"retry": {"initial_delay": "5s", "max_delay": "1s"}}, "retry.max_delay", "at least initial_delay (5s)"),
+    ({"retry": {"initial_delay": "0s", "max_delay": "0s"}}, "retry.max_delay", "must be positive, got 0s"),
+    ({"retry": {"max_tims": 3}}, "retry.max_tims", "unknown key"),
+    ({"disk_buffer_max_size": "big"}, "disk_buffer_max_size", 'expected a size like "64MiB"'),
+    ({"disk_buffer_max_size": "1KiB"}, "disk_buffer_max_size", "must be at least max_frame_size"),
+    ({"disk_buffer_fsync": "sometimes"}, "disk_buffer_fsync", "expected one of: always, interval, never"),
+    ({"max_in_flight": 0}, "max_in_flight", "expected int >= 1"),
+    ({"max_frame_size": "10"}, "max_frame_size", "must be between 1KiB and 4GiB, got 10 bytes"),
+    ({"handshake_timeout": "0s"}, "handshake_timeout", "must be positive, got 0s"),
+    ({"tls": True, "tls_cert": "c.pem"}, "tls_key", "tls_cert and tls_key go together"),
+    ({"tls_ca": "ca.pem"}, "tls_ca", "needs tls = true"),
+]
+
+
+@pytest.mark.parametrize(("table", "key", "problem"), BAD_CLIENT_VALUES)
+def test_a_bad_value_is_a_config_error_naming_its_key(table, key, problem) -> None:
+    with pytest.raises(ConfigError) as caught:
+        convert_section(table, RelayClientConfig, "plugins.relay-client")
+    message = str(caught.value)
+    assert "\n" not in message
+    *table_path, name = ["plugins", "relay-client", *key.split(".")]
+    assert re.match(rf"{re.escape('.'.join(table_path))}(\.|: ){name}: ", message), message
+    assert problem in message
+
+
+def test_files_the_plugin_cannot_use_are_startup_errors_naming_them(tmp_path) -> None:
+    not_a_certificate = tmp_path / "bad.pem"
+    not_a_certificate.write_text("not a certificate")
+    for config, expected in [
+        (RelayClientConfig(tls=True, tls_ca="/nonexistent.pem"), "tls_ca '/nonexistent.pem': No such file"),
+        (RelayClientConfig(tls=True, tls_ca=str(tmp_path)), f"tls_ca '{tmp_path}': Is a directory"),
+        (RelayClientConfig(tls=True, tls_ca=str(not_a_certificate)), "cannot load the CA certificates"),
+        (
+            RelayClientConfig(tls=True, tls_cert="/nope/c.pem", tls_key="/nope/k.pem"),
+            "tls_cert '/nope/c.pem': No such file",
+        ),
+        (
+            RelayClientConfig(disk_buffer_path=str(not_a_certificate / "sub")),
+            f"disk buffer {not_a_certificate / 'sub'}: Not a directory",
+        ),
+    ]:
+        ctx = StartContext("relay-client", MetricRegistry(), tmp_path, None)
+        with pytest.raises(StartupError, match=re.escape(expected)):
+            RelayClientPlugin().start(ctx, config)
+        assert ctx.elements == []
+
+
+def test_a_disk_buffer_another_agent_holds_is_a_startup_error(tmp_path) -> None:
+    first = RelayClientPlugin()
     ctx = StartContext("relay-client", MetricRegistry(), tmp_path, None)
-    RelayClientPlugin().start(ctx, RelayClientConfig(client_name=""))
+    first.start(ctx, RelayClientConfig())
+    with pytest.raises(
+        StartupError, match=r"disk buffer .*relay-client: .*already open.*its own \[agent\] data_dir"
+    ):
+        RelayClientPlugin().start(
+            StartContext("relay-client", MetricRegistry(), tmp_path, None), RelayClientConfig()
+        )
+    first.stop()  # releases the buffer the output never ran with
+    second = RelayClientPlugin()
+    second.start(StartContext("relay-client", MetricRegistry(), tmp_path, None), RelayClientConfig())
+    second.stop()
+
+
+def test_the_plugin_defaults(tmp_path) -> None:
+    plugin = RelayClientPlugin()
+    ctx = StartContext("relay-client", MetricRegistry(), tmp_path, None)
+    plugin.start(ctx, RelayClientConfig(client_name=""))
+    plugin.stop()
     [element] = ctx.elements
     assert element.obj.settings.client_name == socket.gethostname()
-    with pytest.raises(
-        ConfigError, match="plugins.relay-client: relay_server: 'host:x': port 'x' is not a number"
-    ):
-        convert_section({"relay_server": "host:x"}, RelayClientConfig, "plugins.relay-client")
-    with pytest.raises(ConfigError, match=r"plugins.relay-client.retry: .*initial_delay"):
-        convert_section(
-            {"retry": {"initial_delay": "5s", "max_delay": "1s"}}, RelayClientConfig, "plugins.relay-client"
-        )
-    with pytest.raises(ValueError, match="tls_ca '/nonexistent.pem': no such file"):
-        build_client_ssl_context(RelayClientConfig(tls=True, tls_ca="/nonexistent.pem"))
+    assert element.obj.buffer == DiskBuffer(tmp_path / "relay-client", 1 << 30, "interval")  # on by default
     assert msgspec.structs.asdict(RelayClientConfig().retry) == {
         "max_times": 8,
         "initial_delay": 0.5,
@@ -602,5 +675,7 @@ def test_an_unset_node_name_means_the_hostname(tmp_path) -> None:
     for env, expected in (({}, socket.gethostname()), ({"NODE_NAME": "node-42"}, "node-42")):
         config = config_mod.resolve(document, plugins, path=None, env=env)
         ctx = StartContext("relay-client", MetricRegistry(), tmp_path, config)
-        RelayClientPlugin().start(ctx, config.plugins["relay-client"])
+        plugin = RelayClientPlugin()
+        plugin.start(ctx, config.plugins["relay-client"])
+        plugin.stop()
         assert ctx.elements[0].obj.settings.client_name == expected

@@ -7,14 +7,17 @@ also say what a real client never would.
 from __future__ import annotations
 
 import logging
+import re
 
 import msgspec
 import pytest
 import trio
 import trio.testing
 
+from agent.config import ConfigError, convert_section
 from agent.model import LOCAL_MACHINE, LOCAL_MACHINE_CONSUMER, MetricDef, MetricRegistry
-from agent.pipeline import Pipeline
+from agent.pipeline import Pipeline, StartupError
+from agent.plugin import StartContext
 from agent.testing import CollectingOutput, output_element, partial_run, source_element
 from agent_plugins.relay_protocol import (
     PROTOCOL_VERSION,
@@ -31,6 +34,7 @@ from agent_plugins.relay_protocol import (
     ServerMessage,
     WireSeries,
 )
+from agent_plugins.relay_server.plugin import RelayServerConfig, RelayServerPlugin
 from agent_plugins.relay_server.server import RelayServer, ServerSettings
 
 T0 = 1_700_000_000_000_000_000
@@ -552,24 +556,54 @@ async def test_fuzzed_frames_never_disturb_a_good_client() -> None:
     assert good == [float(seq) for seq in range(1, 51)]
 
 
-def test_config_and_start_errors_name_the_key_and_the_file(tmp_path, caplog) -> None:
-    from agent.config import ConfigError, convert_section
-    from agent.plugin import StartContext
-    from agent_plugins.relay_server.plugin import RelayServerConfig, RelayServerPlugin
-    from agent_plugins.relay_server.security import SecurityConfigError
+# A bad value of each key: the one-line error names the key (see BAD_CLIENT_VALUES in the client's
+# tests for the two accepted forms).
+BAD_SERVER_VALUES = [
+    ({"address": "[nope]:1"}, "address", "'[nope]:1': 'nope' in brackets is not an IPv6 address"),
+    ({"address": "host:port"}, "address", "port 'port' is not a number"),
+    ({"max_frame_size": "100"}, "max_frame_size", "must be between 1KiB and 4GiB, got 100 bytes"),
+    ({"handshake_timeout": "soon"}, "handshake_timeout", 'expected a duration like "30s"'),
+    ({"heartbeat_interval": "0s"}, "heartbeat_interval", "must be positive, got 0s"),
+    ({"max_connections": 0}, "max_connections", "expected int >= 1"),
+    ({"max_in_flight": -1}, "max_in_flight", "expected int >= 1"),
+    ({"client_tokens": "abc"}, "client_tokens", "expected object, got str"),
+    ({"tls_cert": "/x.pem"}, "tls_key", "tls_cert and tls_key go together"),
+    ({"tls_client_ca": "/ca.pem"}, "tls_client_ca", "client certificates need TLS"),
+    ({"adress": "[::]:1"}, "adress", "unknown key"),
+]
 
-    where = "plugins.relay-server"
-    with pytest.raises(ConfigError, match=r"plugins.relay-server: address: '\[nope\]:1': 'nope' in brackets"):
-        convert_section({"address": "[nope]:1"}, RelayServerConfig, where)
-    with pytest.raises(ConfigError, match="max_frame_size must be between 1KiB and 4GiB"):
-        convert_section({"max_frame_size": "100"}, RelayServerConfig, where)
-    with pytest.raises(ConfigError, match=r"plugins.relay-server.handshake_timeout: expected a duration"):
-        convert_section({"handshake_timeout": "soon"}, RelayServerConfig, where)
+
+@pytest.mark.parametrize(("table", "key", "problem"), BAD_SERVER_VALUES)
+def test_a_bad_value_is_a_config_error_naming_its_key(table, key, problem) -> None:
+    with pytest.raises(ConfigError) as caught:
+        convert_section(table, RelayServerConfig, "plugins.relay-server")
+    message = str(caught.value)
+    assert "\n" not in message
+    assert re.match(rf"plugins\.relay-server(\.|: ){key}: ", message), message
+    assert problem in message
+
+
+def test_tls_files_the_server_cannot_use_are_startup_errors_naming_them(tmp_path, caplog) -> None:
+    not_a_certificate = tmp_path / "bad.pem"
+    not_a_certificate.write_text("not a certificate")
     ctx = StartContext("relay-server", MetricRegistry(), tmp_path, None)
-    with pytest.raises(SecurityConfigError, match="tls_cert and tls_key go together"):
-        RelayServerPlugin().start(ctx, RelayServerConfig(tls_cert="/x.pem"))
-    with pytest.raises(SecurityConfigError, match="tls_cert '/missing.pem': no such file"):
-        RelayServerPlugin().start(ctx, RelayServerConfig(tls_cert="/missing.pem", tls_key="/missing.pem"))
+    for config, expected in [
+        (
+            RelayServerConfig(tls_cert="/missing.pem", tls_key="/missing.pem"),
+            "tls_cert '/missing.pem': No such file",
+        ),
+        (
+            RelayServerConfig(tls_cert=str(tmp_path), tls_key="/k.pem"),
+            f"tls_cert '{tmp_path}': Is a directory",
+        ),
+        (
+            RelayServerConfig(tls_cert=str(not_a_certificate), tls_key=str(not_a_certificate)),
+            "cannot load the certificate and key",
+        ),
+    ]:
+        with pytest.raises(StartupError, match=re.escape(expected)):
+            RelayServerPlugin().start(ctx, config)
+    assert ctx.elements == []
     RelayServerPlugin().start(ctx, RelayServerConfig(token="t"))
     assert any("token authentication without TLS" in r.getMessage() for r in caplog.records)
     [element] = ctx.elements
