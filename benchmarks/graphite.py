@@ -220,10 +220,16 @@ def raw_rate(
 
 
 def agent_config(
-    ports: list[int], data_dir: Path, listen: str, reuse_port: bool, read_size: str | None
+    ports: list[int],
+    data_dir: Path,
+    listen: str,
+    reuse_port: bool,
+    read_size: str | None,
+    output_options: Sequence[str] = (),
 ) -> str:
     destinations = ", ".join(f'"127.0.0.1:{port}:{i}"' for i, port in enumerate(ports))
     read_size_line = f'read_size = "{read_size}"' if read_size else ""
+    output_lines = "\n".join(output_options)
     return f"""
 [agent]
 data_dir = "{data_dir}"
@@ -240,6 +246,7 @@ reuse_port = {"true" if reuse_port else "false"}
 admin_http = ""
 admin_line = ""
 overflow = "block"
+{output_lines}
 [[plugins.graphite-out.routes]]
 key = "carbon"
 type = "consistent_hashing"
@@ -293,7 +300,12 @@ def run_agents(count: int, ports: list[int], block: bytes, args: argparse.Namesp
                 config = Path(tmp) / f"agent{number}.toml"
                 config.write_text(
                     agent_config(
-                        ports, Path(tmp) / f"data{number}", f"127.0.0.1:{port}", count > 1, args.read_size
+                        ports,
+                        Path(tmp) / f"data{number}",
+                        f"127.0.0.1:{port}",
+                        count > 1,
+                        args.read_size,
+                        args.graphite_out,
                     )
                 )
                 agent, port = start_agent(config, args.agent_prefix.split() if number == 0 else [])
@@ -401,6 +413,13 @@ def main() -> None:
     parser.add_argument("--carbon-venv", default=None)
     parser.add_argument("--no-carbon", action="store_true")
     parser.add_argument("--read-size", default=None, help="graphite-in's read_size (default: the plugin's)")
+    parser.add_argument(
+        "--graphite-out",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help='a TOML line added to [plugins.graphite-out], e.g. "queue_max_points = 100000" (repeatable)',
+    )
     parser.add_argument(
         "--agent-prefix",
         default="",

@@ -34,7 +34,6 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import repeat
-from operator import floordiv
 from pathlib import Path
 from typing import Any
 
@@ -50,11 +49,10 @@ from agent_plugins.graphite_protocol.routing import HashRoute, RewriterConfig, R
 
 from .config import GraphiteOutConfig, ListenAddress, load_aggregation_rules, parse_listen_address
 from .destination import Destination, DropCounter
-from .render import Chunk, PathTemplate, take
+from .render import Chunk, PathTemplate, take, to_seconds
 
 log = logging.getLogger(__name__)
 
-NS_PER_SECOND = 1_000_000_000
 #: How often the spools' recent writes are synced to disk.
 SPOOL_SYNC_INTERVAL = 1.0
 
@@ -249,27 +247,31 @@ class GraphiteOutput(Output):
 
     def route_batches(self, batches: Sequence[Batch]) -> None:
         """Routes the points of `batches` to the destinations' queues and spools."""
+        self.counters.batches += 1
+        series_list = [series for batch in batches for series in batch.series if series.timestamps]
+        if len(series_list) == 1 and not isinstance(series_list[0].metric, str):
+            # One batch of Graphite points (graphite-in sends one series per chunk read): its columns are
+            # used as they are; the output only reads them.
+            series = series_list[0]
+            self.route_chunk(Chunk(series.metric, to_seconds(series.timestamps), series.values))  # type: ignore[arg-type]
+            return
         paths: list[str] = []
         timestamps: list[int] = []
         values: list[int | float] = []
         render = self.template.render
-        for batch in batches:
-            for series in batch.series:
-                count = len(series.timestamps)
-                if not count:
+        for series in series_list:
+            count = len(series.timestamps)
+            metric = series.metric
+            if isinstance(metric, str):
+                path = render(series)
+                if not path:
+                    self.counters.empty_path += count
                     continue
-                metric = series.metric
-                if isinstance(metric, str):
-                    path = render(series)
-                    if not path:
-                        self.counters.empty_path += count
-                        continue
-                    paths.extend(repeat(path, count))
-                else:
-                    paths.extend(metric)
-                timestamps.extend(map(floordiv, series.timestamps, repeat(NS_PER_SECOND)))
-                values.extend(series.values)
-        self.counters.batches += 1
+                paths.extend(repeat(path, count))
+            else:
+                paths.extend(metric)
+            timestamps.extend(to_seconds(series.timestamps))
+            values.extend(series.values)
         if paths:
             self.route_chunk(Chunk(paths, timestamps, values))
 

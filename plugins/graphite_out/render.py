@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from itertools import repeat
+from operator import floordiv, itemgetter
 from typing import Literal
 
 import msgspec
@@ -44,6 +46,7 @@ _TOKEN = re.compile(r"\{([^{}]*)\}")
 _FIELD_NAME = re.compile(r"[A-Za-z0-9_-]+")
 _UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
 _JSON_ENCODE = msgspec.json.encode
+NS_PER_SECOND = 1_000_000_000
 #: Cleaned field values are remembered up to this many before the memo starts over.
 _CLEAN_CACHE_SIZE = 10_000
 
@@ -175,65 +178,123 @@ class Chunk(msgspec.Struct, array_like=True):
 
 
 def take(chunk: Chunk, indexes: Sequence[int]) -> Chunk:
-    """The points of `chunk` at `indexes` (in that order)."""
-    if len(indexes) == len(chunk.paths):
+    """The points of `chunk` at `indexes` (in that order; a selection of every point is the chunk itself)."""
+    count = len(indexes)
+    if count == len(chunk.paths):
         return chunk
-    return Chunk(
-        list(map(chunk.paths.__getitem__, indexes)),
-        list(map(chunk.timestamps.__getitem__, indexes)),
-        list(map(chunk.values.__getitem__, indexes)),
-    )
+    if isinstance(indexes, range) and indexes.step == 1:
+        part = slice(indexes.start, indexes.stop)
+        return Chunk(chunk.paths[part], chunk.timestamps[part], chunk.values[part])
+    if count <= 1:
+        return Chunk(
+            [chunk.paths[i] for i in indexes],
+            [chunk.timestamps[i] for i in indexes],
+            [chunk.values[i] for i in indexes],
+        )
+    # One C-level pass per column (itemgetter of many indexes returns a tuple): a third of the cost of
+    # map(list.__getitem__, indexes), which calls through a method wrapper per point.
+    get = itemgetter(*indexes)
+    return Chunk(list(get(chunk.paths)), list(get(chunk.timestamps)), list(get(chunk.values)))
+
+
+def merge(chunks: Sequence[Chunk]) -> Chunk:
+    """One chunk with the points of `chunks`, in order (the chunk itself when there is one)."""
+    if len(chunks) == 1:
+        return chunks[0]
+    merged = Chunk([], [], [])
+    for chunk in chunks:
+        merged.paths += chunk.paths
+        merged.timestamps += chunk.timestamps
+        merged.values += chunk.values
+    return merged
 
 
 def render_plaintext(chunks: Sequence[Chunk]) -> bytes:
     """`path value timestamp\\n` for every point, in order.
 
-    The numbers are formatted in bulk by msgspec's JSON encoder (a whole column per call, about four
-    times faster than `str` per number), then the lines are joined with one `join` per chunk. JSON has
-    no NaN or infinity (msgspec writes `null`): those few values are formatted by `str` instead ("nan",
-    "inf", which carbon parses).
+    Bulk work only: the chunks are merged, the values formatted by msgspec's JSON encoder (a whole column
+    per call, about four times faster than `str` per number) and cut into " value" fields with one
+    `replace` and one `split`, the timestamps likewise (or looked up per distinct second, the usual case:
+    a sender writes a whole interval with one timestamp), and the three columns interleaved by slice
+    assignment into one list joined once. About 350 ns per point where a `join` per line took 460.
     """
-    texts = []
-    for chunk in chunks:
-        if chunk.paths:
-            values = _format_values(chunk.values)
-            timestamps = _format_timestamps(chunk.timestamps)
-            texts.append("\n".join(map(" ".join, zip(chunk.paths, values, timestamps, strict=True))))
-    if not texts:
+    merged = merge(chunks)
+    count = len(merged.paths)
+    if not count:
         return b""
-    return ("\n".join(texts) + "\n").encode("utf-8")
+    parts: list[str] = [""] * (3 * count)
+    parts[0::3] = merged.paths
+    parts[1::3] = _value_fields(merged.values)
+    parts[2::3] = _timestamp_fields(merged.timestamps)
+    return "".join(parts).encode("utf-8")
 
 
-def _format_values(values: list[int | float]) -> list[str]:
+def _value_fields(values: list[int | float]) -> list[str]:
+    """ " value" for each value, formatted so that carbon's float() reads back the same number."""
     try:
-        formatted = _JSON_ENCODE(values).decode("ascii")[1:-1].split(",")
+        text = _JSON_ENCODE(values).decode("ascii")
     except (OverflowError, TypeError):  # an int beyond 64 bits, or not a number at all
-        return list(map(str, values))
-    if "null" in formatted:
-        for index, text in enumerate(formatted):
-            if text == "null":
-                formatted[index] = str(values[index])
-    return formatted
+        return [f" {value}" for value in values]
+    fields = (" " + text[1:-1].replace(",", ", ")).split(",")
+    if "null" in text:
+        # JSON has no NaN or infinity (msgspec writes null): str() gives "nan", "inf", which carbon parses.
+        for index, field in enumerate(fields):
+            if field == " null":
+                fields[index] = f" {values[index]}"
+    return fields
 
 
-def _format_timestamps(timestamps: list[int]) -> list[str]:
+#: A column with at most one distinct timestamp per this many points is converted per distinct value.
+_FEW_DISTINCT = 8
+#: How many leading timestamps tell whether it is worth counting the distinct ones.
+_DISTINCT_SAMPLE = 256
+
+
+def _few_distinct(timestamps: list[int]) -> set[int] | None:
+    """The distinct timestamps of a non-empty column if there are few of them (the usual case: a sender
+    writes a whole interval with one timestamp), else None."""
+    count = len(timestamps)
+    first = timestamps[0]
+    if first == timestamps[-1] and timestamps.count(first) == count:
+        return {first}
+    if len(set(timestamps[:_DISTINCT_SAMPLE])) * _FEW_DISTINCT > min(count, _DISTINCT_SAMPLE):
+        return None
+    distinct = set(timestamps)
+    return distinct if len(distinct) * _FEW_DISTINCT <= count else None
+
+
+def to_seconds(timestamps: list[int]) -> list[int]:
+    """Nanosecond timestamps (the pipeline's) to whole seconds (Graphite's), rounded down.
+
+    One C-level map, or one division when every point has the same timestamp (one sender's interval).
+    """
+    count = len(timestamps)
+    if count and timestamps[0] == timestamps[-1] and timestamps.count(timestamps[0]) == count:
+        return [timestamps[0] // NS_PER_SECOND] * count
+    # Counting the distinct values costs as much as this map: nanoseconds are big ints, slow to hash.
+    return list(map(floordiv, timestamps, repeat(NS_PER_SECOND)))
+
+
+def _timestamp_fields(timestamps: list[int]) -> list[str]:
+    """ " timestamp\\n" for each timestamp (seconds): per distinct value when they repeat, else formatted by
+    msgspec and cut with one `replace` and one `split`."""
+    distinct = _few_distinct(timestamps)
+    if distinct is not None:
+        if len(distinct) == 1:
+            return [f" {timestamps[0]}\n"] * len(timestamps)
+        text_of = {timestamp: f" {timestamp}\n" for timestamp in distinct}
+        return list(map(text_of.__getitem__, timestamps))
     try:
-        return _JSON_ENCODE(timestamps).decode("ascii")[1:-1].split(",")
+        text = _JSON_ENCODE(timestamps).decode("ascii")
     except (OverflowError, TypeError):
-        return list(map(str, timestamps))
+        return [f" {timestamp}\n" for timestamp in timestamps]
+    return (" " + text[1:-1].replace(",", "\n, ") + "\n").split(",")
 
 
 def render_pickle(chunks: Sequence[Chunk], points_per_frame: int = CARBON_POINTS_PER_FRAME) -> bytes:
     """carbon pickle frames (4-byte length + protocol 2 list of (path, (ts, value))) for every point, in
     order, at most `points_per_frame` per frame. Raises PickleCodecError for a point too big for a frame."""
-    if len(chunks) == 1:
-        merged = chunks[0]
-    else:
-        merged = Chunk([], [], [])
-        for chunk in chunks:
-            merged.paths += chunk.paths
-            merged.timestamps += chunk.timestamps
-            merged.values += chunk.values
+    merged = merge(chunks)
     if not merged.paths:
         return b""
     return b"".join(

@@ -162,13 +162,25 @@ def parse_chunk(
     if not body:
         return PlaintextChunk([], [], [], {}, rest, bad.counts, bad.samples, line_too_long)
 
-    fields = _split_clean_chunk(body, validation, max_line_length)
-    if fields is not None:
-        path_fields, value_fields, timestamp_fields = fields[0::3], fields[1::3], fields[2::3]
-        raw_lines = None
+    line_count = _clean_line_count(body, validation, max_line_length)
+    fields = None
+    if line_count is not None:
         # The shape proved the strict names' characters but for `=` (checked with the tags); `..` remains
         # (in a value it is a bad value anyway).
         check_strict_names = validation == "strict" and (b"=" in body or _DOUBLE_DOT.search(body) is not None)
+        if not check_strict_names and b";" not in body:
+            columns = _decode_clean_text(body, line_count, now_ns)
+            if columns is not None:
+                paths, values, timestamps = columns
+                return PlaintextChunk(
+                    paths, values, timestamps, {}, rest, bad.counts, bad.samples, line_too_long
+                )
+        fields = body.split()
+        if len(fields) != 3 * line_count:
+            fields = None
+    if fields is not None:
+        path_fields, value_fields, timestamp_fields = fields[0::3], fields[1::3], fields[2::3]
+        raw_lines = None
     else:
         check_strict_names = validation == "strict"
         path_fields, value_fields, timestamp_fields, raw_lines, too_long = _split_lines(
@@ -278,21 +290,54 @@ _SHAPE_LINE = b"  \n"
 _PRINTABLE_LINE = bytes(range(0x20, 0x7F)) + b"\t"
 
 
-def _split_clean_chunk(body: bytes, validation: str, max_line_length: int) -> list[bytes] | None:
-    """The fields of a chunk whose every line is `field SP field SP field`, or None.
+def _clean_line_count(body: bytes, validation: str, max_line_length: int) -> int | None:
+    """The number of lines of a chunk whose every line is `field SP field SP field` and no longer than
+    the limit (at medium and strict, of printable ASCII only), or None.
 
     The shape check proves that each line has exactly two spaces and no other whitespace (nor, at medium
     and strict, any refused byte); then every line has three fields exactly when the whole chunk splits
-    into three fields per line (a leading, trailing or doubled space would lose a field somewhere).
+    into three fields per line (a leading, trailing or doubled space would lose a field somewhere), which
+    the caller checks when it splits.
     """
     shape = body.translate(None, _SHAPE_DELETE[validation])
     line_count = len(shape) // 3 + 1
     if len(shape) % 3 != 2 or shape != _SHAPE_LINE * (line_count - 1) + b"  ":
         return None
-    fields = body.split()
-    if len(fields) != 3 * line_count or _has_long_line(body, max_line_length):
+    if _has_long_line(body, max_line_length):
         return None
-    return fields
+    return line_count
+
+
+def _decode_clean_text(
+    body: bytes, line_count: int, now_ns: int
+) -> tuple[list[str], list[float], list[int]] | None:
+    """The columns of a clean chunk (`_clean_line_count`) without tags, if every value and timestamp is
+    a plain number (else None: the caller takes the general way, which finds and reports the bad ones).
+
+    Splitting the decoded text rather than the bytes gives the paths as `str` at once (no second pass to
+    decode them), and msgspec parses the joined value and timestamp fields from the same text.
+    """
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError:  # possible at level none
+        return None
+    fields = text.split()
+    # str.split() also splits on whitespace that bytes.split() keeps (\x1c-\x1f, U+0085, U+00A0...,
+    # allowed in a path at level none): then there are more fields than lines allow.
+    if len(fields) != 3 * line_count:
+        return None
+    try:
+        values = _VALUES_DECODER.decode("[" + ",".join(fields[1::3]) + "]")
+    except msgspec.DecodeError:
+        return None
+    # A field with a comma in it would decode as several numbers.
+    if len(values) != line_count:
+        return None
+    joined = "000000000,".join(fields[2::3])
+    timestamps = _decode_ns_timestamps("[" + joined + "000000000]", line_count, now_ns, "-" in joined)
+    if timestamps is None:
+        return None
+    return fields[0::3], values, timestamps
 
 
 def _has_long_line(body: bytes, max_line_length: int) -> bool:
@@ -459,7 +504,9 @@ def _decode_timestamps(fields: list[bytes], now_ns: int, refused: dict[int, tupl
     return timestamps
 
 
-def _decode_ns_timestamps(json_array: bytes, count: int, now_ns: int, maybe_now: bool) -> list[int] | None:
+def _decode_ns_timestamps(
+    json_array: bytes | str, count: int, now_ns: int, maybe_now: bool
+) -> list[int] | None:
     try:
         timestamps = _NS_TIMESTAMPS_DECODER.decode(json_array)
     except msgspec.DecodeError:

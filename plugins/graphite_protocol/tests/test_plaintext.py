@@ -204,6 +204,20 @@ def test_level_none_accepts_utf8_and_control_bytes_but_not_invalid_utf8():
     assert result.bad_samples[0].line == "\\xff.x 3 1700000000"
 
 
+@pytest.mark.parametrize("odd", ["\x1c", "\x1f", "\x85", "\xa0", "\u2028", "\u3000"])
+def test_level_none_keeps_paths_with_characters_that_str_split_treats_as_whitespace(odd):
+    # bytes.split() splits on ASCII whitespace only; a path with these must stay one field at level none,
+    # even where splitting it would still leave numbers in the value and timestamp columns.
+    data = f"1{odd}2 3 1700000000\n4 5 1700000001\n6 7 1700000002\n".encode()
+    result = parse(data, validation="none")
+    assert points(result) == [
+        (f"1{odd}2", 3.0, 1_700_000_000 * S),
+        ("4", 5.0, 1_700_000_001 * S),
+        ("6", 7.0, 1_700_000_002 * S),
+    ]
+    assert parse(data, validation="medium").bad_counts == {"bad_chars": 1}
+
+
 def test_quotes_and_backslashes_in_paths():
     result = parse(b'a"b 1 1700000000\nc\\d 2 1700000000\n')
     assert result.paths == ['a"b', "c\\d"]
