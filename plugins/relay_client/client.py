@@ -542,7 +542,7 @@ class RelayClient(Output):
                     elif failures == settings.max_times or now - last_reminder >= OUTAGE_REMINDER_INTERVAL:
                         last_reminder = now
                         log.error(
-                            "relay-client: outage: %s unreachable for %.0fs (%d attempts; last: %s); %s;"
+                            "relay-client: outage: %s unreachable for %.1fs (%d attempts; last: %s); %s;"
                             " retrying every %gs",
                             self.server,
                             now - outage_started,
@@ -783,7 +783,9 @@ class RelayClient(Output):
             pass
         elif isinstance(message, Goodbye):
             if message.code == GoodbyeCode.SHUTDOWN:
-                raise SessionEnded(f"the server is stopping ({message.reason})", level=logging.INFO)
+                raise SessionEnded(
+                    f"the server said goodbye (shutdown): {message.reason}", level=logging.INFO
+                )
             raise SessionEnded(f"the server said goodbye ({message.code}): {message.reason}")
         else:
             raise ProtocolError(
