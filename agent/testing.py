@@ -1,6 +1,10 @@
 """Helpers for testing plugins: run one source, transform or output without a config or a CLI.
 
-    from agent.testing import poll_once, run_output, running_pipeline, CollectingOutput
+    from agent.testing import poll_once, run_output, running_pipeline, start_plugin, CollectingOutput
+
+    def test_my_plugin_starts(tmp_path):
+        ctx = start_plugin(MyPlugin, {"poll_interval": "2s"}, data_dir=tmp_path)
+        [source] = [e.obj for e in ctx.elements if e.kind == "source"]
 
     async def test_my_source():
         batch = await poll_once(MySource())
@@ -18,12 +22,22 @@ Everything runs on the real pipeline, so queues, acknowledgements and shutdown b
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import trio
 
-from agent.model import LOCAL_MACHINE, LOCAL_MACHINE_CONSUMER, Batch, Consumer, Resource, Series, now_ns
+from agent.model import (
+    LOCAL_MACHINE,
+    LOCAL_MACHINE_CONSUMER,
+    Batch,
+    Consumer,
+    MetricRegistry,
+    Resource,
+    Series,
+    now_ns,
+)
 from agent.pipeline import Pipeline
 from agent.plugin import (
     AutonomousSource,
@@ -31,7 +45,9 @@ from agent.plugin import (
     Element,
     Output,
     OutputConfig,
+    Plugin,
     PolledSource,
+    StartContext,
     Transform,
 )
 
@@ -52,6 +68,30 @@ def require_service(name: str, host: str, port: int) -> None:
         if os.environ.get("CI") == "true":
             pytest.fail(f"{message}; CI must provide it")
         pytest.skip(message)
+
+
+def start_plugin(
+    plugin: type[Plugin],
+    table: Mapping[str, Any] | None = None,
+    *,
+    data_dir: Path | None = None,
+    registry: MetricRegistry | None = None,
+) -> StartContext:
+    """Starts one plugin as the agent does: `table` (its `[plugins.NAME]` keys, strings such as "30s"
+    as in the file) is checked against the plugin's Config (a `ConfigError` names a bad key), then
+    `start` runs. Returns the start context: `.elements` holds what the plugin added (`.obj` is the
+    source, transform or output), `.registry` the metrics it registered."""
+    from agent.config import convert_section
+
+    config = convert_section(dict(table or {}), plugin.Config, f"plugins.{plugin.name}")
+    ctx = StartContext(
+        plugin.name,
+        registry if registry is not None else MetricRegistry(),
+        data_dir if data_dir is not None else Path.cwd() / "agent-data",
+        None,
+    )
+    plugin().start(ctx, config)
+    return ctx
 
 
 def make_series(
@@ -171,3 +211,19 @@ async def run_output(
             await sink.send(batch)
         pipeline.stop()
     return pipeline.counters()["output"]
+
+
+__all__ = [
+    "CollectingOutput",
+    "make_batch",
+    "make_series",
+    "output_element",
+    "poll_once",
+    "require_service",
+    "run_output",
+    "run_transform",
+    "running_pipeline",
+    "source_element",
+    "start_plugin",
+    "transform_element",
+]
