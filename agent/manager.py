@@ -61,19 +61,47 @@ def build_plugin_manager(
         module = importlib.import_module(item) if isinstance(item, str) else item
         name = item if isinstance(item, str) else getattr(item, "__name__", repr(item))
         if pm.get_plugin(name) is None:
-            pm.register(module, name=name)
+            try:
+                pm.register(module, name=name)
+            except pluggy.PluginValidationError as exc:
+                raise PluginLoadError(_invalid_plugin(pm, exc)) from exc
     if load_entry_points:
         try:
             pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP)
+        except pluggy.PluginValidationError as exc:  # a hook with parameters its spec does not have
+            raise PluginLoadError(_invalid_plugin(pm, exc)) from exc
         except Exception as exc:  # a broken third-party package must say which one it is
-            raise PluginLoadError(
-                f"loading plugins from entry points {ENTRY_POINT_GROUP!r} failed: {exc}"
-            ) from exc
+            raise PluginLoadError(_entry_point_failure(pm, exc)) from exc
     try:
         pm.check_pending()
-    except pluggy.PluginValidationError as exc:
-        raise PluginLoadError(f"plugin {exc.plugin_name!r}: {exc}") from exc
+    except pluggy.PluginValidationError as exc:  # a misspelled hook name
+        raise PluginLoadError(_invalid_plugin(pm, exc)) from exc
     return pm
+
+
+def _invalid_plugin(pm: pluggy.PluginManager, exc: pluggy.PluginValidationError) -> str:
+    name = pm.get_name(exc.plugin) or getattr(exc.plugin, "__name__", repr(exc.plugin))
+    dist = next((d for p, d in pm.list_plugin_distinfo() if p is exc.plugin), None)
+    origin = f" (from {dist.project_name} {dist.version})" if dist is not None else ""
+    known = ", ".join(sorted(n for n in dir(hookspecs) if n.startswith("agent_")))
+    problem = "; ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+    return f"plugin {name!r}{origin}: {problem} (the hooks are: {known})"
+
+
+def _entry_point_failure(pm: pluggy.PluginManager, exc: Exception) -> str:
+    """Names the distribution whose entry point failed to load (pluggy's error does not)."""
+    for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+        if pm.get_plugin(ep.name) is not None or pm.is_blocked(ep.name):
+            continue
+        try:
+            ep.load()
+        except Exception as ep_exc:
+            dist = f"{ep.dist.name} {ep.dist.version}" if ep.dist is not None else "an unknown distribution"
+            return (
+                f"the entry point {ep.name} = {ep.value!r} of {dist} cannot be loaded:"
+                f" {type(ep_exc).__name__}: {ep_exc}"
+            )
+    return f"loading plugins from entry points {ENTRY_POINT_GROUP!r} failed: {type(exc).__name__}: {exc}"
 
 
 def collect_plugins(pm: pluggy.PluginManager) -> dict[str, PluginEntry]:

@@ -1,0 +1,290 @@
+"""Third-party plugins, as `pip install` leaves them: a module and a `*.dist-info` folder declaring
+the `agent.plugins` entry point, found on the path of a real `agent` process.
+
+Writing the dist-info by hand (what an installer writes) keeps these tests fast and offline;
+tests/test_contrib_rapl_install.py checks the same with the real rapl distribution.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+import types
+from pathlib import Path
+
+import pytest
+
+from agent import hookimpl
+from agent.manager import PluginLoadError, build_plugin_manager, collect_plugins
+
+from .test_plugin_authoring import readme_block
+
+
+def install_fake_distribution(
+    site: Path, dist: str, version: str, modules: dict[str, str], entry_points: str
+) -> None:
+    """Writes modules (dotted name -> source) and the dist-info an installer would write."""
+    for name, source in modules.items():
+        path = site.joinpath(*name.split(".")).with_suffix(".py")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        for parent in path.relative_to(site).parents:
+            if parent != Path("."):
+                (site / parent / "__init__.py").touch()
+        path.write_text(textwrap.dedent(source))
+    info = site / f"{dist.replace('-', '_')}-{version}.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: {version}\n")
+    (info / "entry_points.txt").write_text(textwrap.dedent(entry_points))
+
+
+def run_agent(args: list[str], cwd: Path, site: Path, timeout: float = 60) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(site)}
+    env.pop("AGENT_CONFIG", None)
+    return subprocess.run(
+        [sys.executable, "-m", "agent.cli", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def one_line_error(result: subprocess.CompletedProcess) -> str:
+    assert "Traceback" not in result.stderr, result.stderr
+    lines = [line for line in result.stderr.splitlines() if " INFO " not in line]
+    assert len(lines) == 1, result.stderr
+    return lines[0]
+
+
+def test_the_readme_plugin_installed_appears_in_plugins_list_and_runs(tmp_path: Path) -> None:
+    site = tmp_path / "site"
+    entry_points = readme_block("toml", "## Writing a plugin")
+    assert '[project.entry-points."agent.plugins"]\nuptime = "agent_uptime.plugin"' in entry_points
+    install_fake_distribution(
+        site,
+        "agent-uptime",
+        "1.0.0",
+        {"agent_uptime.plugin": readme_block("python", "## Writing a plugin")},
+        "[agent.plugins]\nuptime = agent_uptime.plugin\n",
+    )
+    listed = run_agent(["plugins", "list"], tmp_path, site)
+    assert listed.returncode == 0, listed.stderr
+    header, *rows = listed.stdout.splitlines()
+    assert header.split() == ["NAME", "VERSION", "ELEMENTS", "ENABLED", "ORIGIN"]
+    table = {row.split()[0]: row.split(maxsplit=4) for row in rows}
+    assert table["uptime"] == ["uptime", "1.0.0", "source", "no", "agent-uptime 1.0.0"]
+    assert table["csv"] == ["csv", "0.1.0", "output", "yes", "built-in"]  # no config: the defaults
+    assert table["system"][3] == "yes" and table["sqlite"][3] == "no"
+
+    (tmp_path / "agent.toml").write_text("[plugins.uptime]\n[plugins.csv]\npath = 'out.csv'\n")
+    ran = run_agent(["--once"], tmp_path, site)
+    assert ran.returncode == 0, ran.stderr
+    rows = (tmp_path / "out.csv").read_text().splitlines()
+    assert [row.split(";")[0] for row in rows] == ["metric", "uptime"]
+
+
+def test_a_misspelled_hook_is_an_error_naming_the_plugin_and_its_distribution(tmp_path: Path) -> None:
+    site = tmp_path / "site"
+    install_fake_distribution(
+        site,
+        "agent-typo",
+        "0.3.0",
+        {
+            "agent_typo": """
+                from agent import hookimpl
+
+                @hookimpl
+                def agent_plugin():  # should be agent_plugins
+                    return []
+            """
+        },
+        "[agent.plugins]\ntypo = agent_typo\n",
+    )
+    for args in (["plugins", "list"], ["--once"]):
+        result = run_agent(args, tmp_path, site)
+        assert result.returncode == 1
+        assert one_line_error(result).startswith(
+            "plugin error: plugin 'typo' (from agent-typo 0.3.0): unknown hook 'agent_plugin'"
+        )
+        assert (
+            "(the hooks are: agent_pipeline_started, agent_pipeline_stopped, agent_plugins)" in result.stderr
+        )
+
+
+def test_a_plugin_that_cannot_be_imported_is_named_with_its_distribution(tmp_path: Path) -> None:
+    site = tmp_path / "site"
+    install_fake_distribution(
+        site,
+        "agent-broken",
+        "2.0.0",
+        {"agent_broken": "import no_such_dependency\n"},
+        "[agent.plugins]\nbroken = agent_broken\n",
+    )
+    result = run_agent(["plugins", "list"], tmp_path, site)
+    assert result.returncode == 1
+    assert one_line_error(result) == (
+        "plugin error: the entry point broken = 'agent_broken' of agent-broken 2.0.0 cannot be loaded:"
+        " ModuleNotFoundError: No module named 'no_such_dependency'"
+    )
+
+
+PLUGIN_MODULE = """
+    import trio
+    from agent import Output, OutputConfig, Plugin, PluginConfig, hookimpl
+
+    class NeedsDeviceConfig(PluginConfig, kw_only=True):
+        device: str = "/dev/nothing-here"
+
+    class NeedsDevice(Plugin):
+        name = "needs-device"
+        Config = NeedsDeviceConfig
+        provides = ("source",)
+
+        def start(self, ctx, config):
+            raise FileNotFoundError(f"{config.device} is missing; is the module loaded?")
+
+    class StuckOutput(Output):
+        async def write(self, batches):
+            await trio.sleep_forever()  # a database that never answers
+
+    class Stuck(Plugin):
+        name = "stuck"
+        Config = OutputConfig
+        provides = ("output",)
+
+        def start(self, ctx, config):
+            ctx.add_output(StuckOutput(), config)
+
+    @hookimpl
+    def agent_plugins():
+        return [NeedsDevice, Stuck]
+"""
+
+
+@pytest.fixture
+def site_with_plugins(tmp_path: Path) -> Path:
+    site = tmp_path / "site"
+    install_fake_distribution(
+        site, "agent-extra", "0.9.0", {"agent_extra": PLUGIN_MODULE}, "[agent.plugins]\nextra = agent_extra\n"
+    )
+    return site
+
+
+def test_a_plugin_that_fails_to_start_is_named_with_the_reason(
+    tmp_path: Path, site_with_plugins: Path
+) -> None:
+    (tmp_path / "agent.toml").write_text("[plugins.csv]\n[plugins.needs-device]\ndevice = '/dev/rapl9'\n")
+    for args in (["--once"], [], ["exec", "--", "true"]):
+        result = run_agent(args, tmp_path, site_with_plugins)
+        assert result.returncode == 1, result.stderr
+        assert (
+            one_line_error(result)
+            == "plugin needs-device failed to start: /dev/rapl9 is missing; is the module loaded?"
+        )
+
+
+def test_a_third_party_table_is_checked_like_any_other(tmp_path: Path, site_with_plugins: Path) -> None:
+    (tmp_path / "agent.toml").write_text("[plugins.needs-device]\ndevise = '/dev/x'\n")
+    result = run_agent(["--once"], tmp_path, site_with_plugins)
+    assert result.returncode == 2
+    assert one_line_error(result).startswith("config error: plugins.needs-device.devise: unknown key")
+
+
+def test_sigterm_with_an_output_that_never_finishes_exits_0_within_the_grace_period(
+    tmp_path: Path, site_with_plugins: Path
+) -> None:
+    (tmp_path / "agent.toml").write_text(
+        "[agent]\ngrace_period = '1s'\nself_metrics_interval = '0s'\n"
+        "[plugins.system]\npoll_interval = '100ms'\nflush_interval = '100ms'\n"
+        "[plugins.csv]\n[plugins.stuck]\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(site_with_plugins)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "agent.cli"], cwd=tmp_path, env=env, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        csv_path = tmp_path / "agent-output.csv"
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not (
+            csv_path.exists() and csv_path.read_text().count("\n") > 1
+        ):
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGTERM)
+        signalled = time.monotonic()
+        _, stderr = proc.communicate(timeout=30)
+        took = time.monotonic() - signalled
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, stderr
+    assert took < 5, f"took {took:.1f}s to stop with grace_period = 1s"
+    # The stuck output's points are reported, not silently lost; csv wrote everything.
+    assert re.search(r"output stuck: \d+ points not written: the grace period ran out at shutdown", stderr), (
+        stderr
+    )
+
+
+# -- the plugin manager in-process --
+
+
+def plugin_module(name: str, **hooks: object) -> types.ModuleType:
+    module = types.ModuleType(name)
+    for hook_name, fn in hooks.items():
+        setattr(module, hook_name, hookimpl(fn))
+    return module
+
+
+def test_check_pending_catches_a_misspelled_hook() -> None:
+    def agent_pipeline_start(plugin_names, elements):  # should be agent_pipeline_started
+        pass
+
+    module = plugin_module("typo_module", agent_pipeline_start=agent_pipeline_start)
+    with pytest.raises(PluginLoadError, match=r"^plugin 'typo_module': unknown hook 'agent_pipeline_start'"):
+        build_plugin_manager([module], load_entry_points=False)
+
+
+def test_a_hook_with_a_parameter_its_spec_lacks_is_an_error() -> None:
+    def agent_pipeline_started(plugin_names, elements, when):
+        pass
+
+    module = plugin_module("extra_argument", agent_pipeline_started=agent_pipeline_started)
+    with pytest.raises(PluginLoadError, match=r"^plugin 'extra_argument': .*\{'when'\}") as info:
+        build_plugin_manager([module], load_entry_points=False)
+    assert "\n" not in str(info.value)
+
+
+def test_two_plugins_with_one_name_are_an_error_naming_both_origins() -> None:
+    from agent_plugins.csv.plugin import CsvPlugin
+
+    class OtherCsv(CsvPlugin):
+        pass
+
+    modules = [
+        "agent_plugins.csv.plugin",
+        plugin_module("other_csv", agent_plugins=lambda: [OtherCsv]),
+    ]
+    pm = build_plugin_manager(modules, load_entry_points=False)
+    with pytest.raises(PluginLoadError, match="two plugins are named 'csv': from built-in and from built-in"):
+        collect_plugins(pm)
+
+
+def test_a_module_listing_something_else_than_a_plugin_class() -> None:
+    pm = build_plugin_manager([plugin_module("odd", agent_plugins=lambda: ["csv"])], load_entry_points=False)
+    with pytest.raises(PluginLoadError, match="plugin module 'odd' returned 'csv', not a named Plugin class"):
+        collect_plugins(pm)
+
+
+def test_the_builtins_come_from_one_list_in_order() -> None:
+    from agent.manager import BUILTIN_PLUGIN_MODULES
+
+    plugins = collect_plugins(build_plugin_manager(load_entry_points=False))
+    assert list(plugins)[:6] == ["system", "csv", "sqlite", "console", "synthetic", "discard"]
+    assert {entry.origin for entry in plugins.values()} == {"built-in"}
+    assert len(plugins) == len(BUILTIN_PLUGIN_MODULES)
