@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from functools import partial
 from pathlib import Path
 from typing import Annotated
 
@@ -138,6 +139,8 @@ def main_callback(
     if version:
         typer.echo(f"agent {__version__}")
         raise typer.Exit(0)
+    if log_level is not None:
+        setup_logging(log_level)  # checked here, so that every sub-command rejects a bad level
     only = [p.strip() for p in plugins.split(",") if p.strip()] if plugins is not None else None
     ctx.obj = Options(config, only, relay_out, relay_in, log_level)
     if ctx.invoked_subcommand is None:
@@ -177,10 +180,13 @@ async def _run(agent: Agent, once: bool) -> None:
 
 
 async def _run_exec(agent: Agent, command: list[str]) -> int:
-    """Measures while `command` runs: every polled source polls when it starts and once more after it
-    exits; returns the command's exit code (128+N if a signal N killed it)."""
+    """Measures while `command` runs: every polled source polls once before it starts and once more
+    after it exits; returns the command's exit code (128+N if a signal N killed it)."""
     async with trio.open_nursery() as nursery:
-        await nursery.start(agent.run)
+        # A signal (Ctrl-C reaches the command too) ends the measurement with its final poll.
+        await nursery.start(partial(agent.run, final_poll_on_signal=True))
+        assert agent.pipeline is not None
+        await agent.pipeline.first_polls_done.wait()
         try:
             process = await trio.run_process(command, check=False, stdin=None)
             code = process.returncode

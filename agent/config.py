@@ -20,7 +20,7 @@ import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import msgspec
 
@@ -42,6 +42,9 @@ class ConfigError(Exception):
         super().__init__(f"{where}: {problem}" if where else problem)
 
 
+LogLevel = Literal["debug", "info", "warning", "error"]
+
+
 class AgentSection(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """The `[agent]` table."""
 
@@ -54,7 +57,8 @@ class AgentSection(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     self_metrics_interval: Duration = Duration(10.0)
     # Batches that may wait between the sources and the outputs' queues (backpressure beyond this).
     source_channel_size: int = 64
-    log_level: str = "info"
+    # Overridden by --log-level.
+    log_level: LogLevel = "info"
 
 
 @dataclass
@@ -201,6 +205,8 @@ def resolve(
             raise ConfigError(f"plugins.{name}", "expected a table")
 
     if overrides.only_plugins is not None:
+        if not overrides.only_plugins:
+            raise ConfigError("--plugins", "expected plugin names separated by commas, got none")
         for name in overrides.only_plugins:
             if name not in available:
                 known = ", ".join(sorted(available))
@@ -210,17 +216,23 @@ def resolve(
     disabled: set[str] = set()
     for name, entry in available.items():
         table = dict(tables.get(name, {}))
-        forced = False
+        forced = None  # (the flag, the key it sets) when the command line enables this plugin
         if name == "relay-client" and overrides.relay_out:
             table["relay_server"] = overrides.relay_out
-            forced = True
+            forced = ("--relay-out", "relay_server")
         if name == "relay-server" and overrides.relay_in:
             table["address"] = overrides.relay_in
-            forced = True
-        config = convert_section(table, entry.cls.Config, f"plugins.{name}")
+            forced = ("--relay-in", "address")
+        try:
+            config = convert_section(table, entry.cls.Config, f"plugins.{name}")
+        except ConfigError as exc:
+            # A bad value given on the command line is named as the user typed it.
+            if forced and (exc.where.endswith(f".{forced[1]}") or exc.problem.startswith(f"{forced[1]}:")):
+                raise ConfigError(forced[0], exc.problem) from None
+            raise
         if overrides.only_plugins is not None:
-            on = name in overrides.only_plugins or forced
-        elif forced:
+            on = name in overrides.only_plugins or forced is not None
+        elif forced is not None:
             on = True
         elif name in tables:
             # A table turns its plugin on unless it says `enable = false`.

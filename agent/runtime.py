@@ -88,14 +88,20 @@ class Agent:
         *,
         once: bool = False,
         handle_signals: bool = True,
+        final_poll_on_signal: bool = False,
         task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        """Runs the pipeline until stopped (signal, `stop()`, or after one poll with `once`)."""
+        """Runs the pipeline until stopped (signal, `stop()`, or after one poll with `once`).
+
+        With `final_poll_on_signal`, SIGINT and SIGTERM make every polled source poll once more before
+        it stops (`agent exec`: the measurement covers the command up to its end)."""
         pipeline = self.pipeline or self.start_plugins()
         try:
             async with trio.open_nursery() as nursery:
                 if handle_signals:
-                    nursery.start_soon(self._watch_signals, pipeline, nursery.cancel_scope)
+                    nursery.start_soon(
+                        self._watch_signals, pipeline, nursery.cancel_scope, final_poll_on_signal
+                    )
                 finished = trio.Event()
 
                 async def run_pipeline(task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED) -> None:
@@ -119,7 +125,9 @@ class Agent:
         if self.pipeline is not None:
             self.pipeline.stop(final_poll=final_poll)
 
-    async def _watch_signals(self, pipeline: Pipeline, scope: trio.CancelScope) -> None:
+    async def _watch_signals(
+        self, pipeline: Pipeline, scope: trio.CancelScope, final_poll: bool = False
+    ) -> None:
         first_at: float | None = None
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             async for signum in signals:
@@ -131,7 +139,7 @@ class Agent:
                         name,
                         self.config.agent.grace_period,
                     )
-                    pipeline.stop()
+                    pipeline.stop(final_poll=final_poll)
                 elif trio.current_time() - first_at < DUPLICATE_SIGNAL_WINDOW:
                     # The same stop delivered twice (`timeout` signals the child and its process
                     # group; a supervisor may signal the whole group): not a request to hurry.

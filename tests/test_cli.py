@@ -6,20 +6,31 @@ import contextlib
 import csv
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
+import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from agent.manager import build_plugin_manager, collect_plugins
+
 AGENT = [sys.executable, "-m", "agent.cli"]
 
 
-def run(args: list[str], cwd: Path, timeout: float = 60, env: dict | None = None) -> subprocess.CompletedProcess:
+def run(
+    args: list[str], cwd: Path, timeout: float = 60, env: dict | None = None
+) -> subprocess.CompletedProcess:
     return subprocess.run(
-        AGENT + args, cwd=cwd, capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})}
+        AGENT + args,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
     )
 
 
@@ -63,31 +74,77 @@ def test_no_config_generates_one_and_writes_csv(tmp_path: Path) -> None:
         _, stderr = proc.communicate(timeout=30)
     assert proc.returncode == 0, stderr
     assert "no config file, wrote one" in stderr
-    config = (tmp_path / "agent.toml").read_text()
-    assert "[plugins.system]" in config and "[plugins.csv]" in config
+    config = tomllib.loads((tmp_path / "agent.toml").read_text())
+    installed = collect_plugins(build_plugin_manager())
+    assert set(config["plugins"]) == set(installed)
+    assert {name for name, table in config["plugins"].items() if table["enable"]} == {"system", "csv"}
     rows = read_csv(tmp_path / "agent-output.csv")
     metrics = {r["metric"] for r in rows}
     assert any(m.startswith("cpu") for m in metrics), metrics
-    assert set(rows[0]) >= {"metric", "timestamp", "value", "resource_kind", "resource_id", "consumer_kind", "consumer_id"}
+    assert set(rows[0]) >= {
+        "metric",
+        "timestamp",
+        "value",
+        "resource_kind",
+        "resource_id",
+        "consumer_kind",
+        "consumer_id",
+    }
 
 
 @pytest.mark.parametrize(
     ("config", "expected"),
     [
-        ('[plugins.csv]\nenable = true\nflush_interval = "soon"\n', "config error: plugins.csv.flush_interval: expected a duration"),
+        (
+            '[plugins.csv]\nenable = true\nflush_interval = "soon"\n',
+            "config error: plugins.csv.flush_interval: expected a duration",
+        ),
         ("[plugins.csv]\nenable = true\npth = 'x.csv'\n", "config error: plugins.csv.pth: unknown key"),
-        ("[plugins.nosuch]\nenable = true\n", "config error: plugins.nosuch: no plugin of that name is installed"),
-        ("[plugins.csv\n", "config error: "),
+        (
+            "[plugins.nosuch]\nenable = true\n",
+            "config error: plugins.nosuch: no plugin of that name is installed",
+        ),
+        ("[plugins.csv\n", "config error: agent.toml: invalid TOML: "),
+        (
+            "[plugins.csv]\nqueue_max_points = 'many'\n",
+            "config error: plugins.csv.queue_max_points: expected int, got str",
+        ),
         ('[agent]\ngrace_period = "forever"\n', "config error: agent.grace_period: expected a duration"),
     ],
 )
 def test_config_errors_exit_2_with_one_line(tmp_path: Path, config: str, expected: str) -> None:
     path = write_config(tmp_path, config)
-    result = run(["--config", str(path)], tmp_path)
+    result = run(["--config", "agent.toml"], tmp_path)
     assert result.returncode == 2
     assert result.stderr.startswith(expected), result.stderr
     assert result.stderr.count("\n") == 1
     assert "Traceback" not in result.stderr
+    assert path.read_text() == config  # left as it was
+
+
+@pytest.mark.parametrize(
+    ("command", "config", "expected"),
+    [
+        (["plugins", "list"], "[plugins.csv\n", "config error: agent.toml: invalid TOML: "),
+        (
+            ["exec", "--", "true"],
+            "[plugins.nosuch]\n",
+            "config error: plugins.nosuch: no plugin of that name",
+        ),
+        (
+            ["--once"],
+            "[plugins.csv]\nflush_interval = 'soon'\n",
+            "config error: plugins.csv.flush_interval: expected",
+        ),
+    ],
+)
+def test_every_command_checks_the_config(
+    tmp_path: Path, config: str, expected: str, command: list[str]
+) -> None:
+    write_config(tmp_path, config)
+    result = run(command, tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.startswith(expected) and result.stderr.count("\n") == 1, result.stderr
 
 
 def test_config_from_env_var(tmp_path: Path) -> None:
@@ -97,7 +154,9 @@ def test_config_from_env_var(tmp_path: Path) -> None:
 
 
 def test_once_polls_and_flushes_then_exits_0(tmp_path: Path) -> None:
-    write_config(tmp_path, "[plugins.system]\nenable = true\n[plugins.csv]\nenable = true\npath = 'once.csv'\n")
+    write_config(
+        tmp_path, "[plugins.system]\nenable = true\n[plugins.csv]\nenable = true\npath = 'once.csv'\n"
+    )
     result = run(["--once"], tmp_path)
     assert result.returncode == 0, result.stderr
     rows = read_csv(tmp_path / "once.csv")
@@ -158,3 +217,147 @@ def test_config_regen_rewrites_the_file(tmp_path: Path) -> None:
 def test_bad_log_level(tmp_path: Path) -> None:
     result = run(["--log-level", "loud", "--once"], tmp_path)
     assert result.returncode == 2 and "--log-level" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["--log-level", "loud", "plugins", "list"], "config error: --log-level: unknown level 'loud'"),
+        (["--plugins", ",", "--once"], "config error: --plugins: expected plugin names separated by commas"),
+        (
+            ["--plugins", "csv,sytem", "--once"],
+            "config error: --plugins: no plugin named 'sytem' is installed",
+        ),
+        (
+            ["--relay-in", "0.0.0.0:99999", "--once"],
+            "config error: --relay-in: address: '0.0.0.0:99999': port",
+        ),
+        (["--relay-out", "[bad]:1", "--once"], "config error: --relay-out: relay_server: '[bad]:1'"),
+    ],
+)
+def test_bad_command_line_values_exit_2_naming_the_flag(
+    tmp_path: Path, args: list[str], expected: str
+) -> None:
+    write_config(tmp_path, "[plugins.csv]\n")
+    result = run(args, tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.startswith(expected) and result.stderr.count("\n") == 1, result.stderr
+
+
+def test_agent_log_level_in_the_config_is_checked(tmp_path: Path) -> None:
+    write_config(tmp_path, "[agent]\nlog_level = 'loud'\n[plugins.csv]\n")
+    result = run(["--once"], tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.startswith(
+        "config error: agent.log_level: invalid enum value 'loud'; expected one of:"
+    )
+
+
+def test_relay_flags_enable_their_plugins_without_a_table(tmp_path: Path) -> None:
+    write_config(tmp_path, "[plugins.csv]\n")
+    result = run(
+        ["--relay-out", "collector.example:50051", "--relay-in", "127.0.0.1:0", "plugins", "list"], tmp_path
+    )
+    assert result.returncode == 0, result.stderr
+    enabled = {line.split()[0]: line.split()[3] for line in result.stdout.splitlines()[1:]}
+    assert enabled["relay-client"] == enabled["relay-server"] == enabled["csv"] == "yes"
+    assert enabled["system"] == "no"
+    # --plugins keeps them: the flag is an explicit request.
+    result = run(["--plugins", "csv", "--relay-out", "collector.example:50051", "plugins", "list"], tmp_path)
+    enabled = {line.split()[0]: line.split()[3] for line in result.stdout.splitlines()[1:]}
+    assert [name for name, on in enabled.items() if on == "yes"] == ["csv", "relay-client"]
+
+
+def test_once_flushes_every_output_whatever_its_flush_interval(tmp_path: Path) -> None:
+    write_config(
+        tmp_path,
+        "[plugins.system]\nflush_interval = '1h'\n"
+        "[plugins.csv]\nflush_interval = '1h'\n"
+        "[plugins.sqlite]\npath = 'points.sqlite3'\nflush_interval = '1h'\n",
+    )
+    started_at = time.monotonic()
+    result = run(["--once"], tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert time.monotonic() - started_at < 30
+    csv_rows = [r for r in read_csv(tmp_path / "agent-output.csv") if r["metric"] == "memory_used"]
+    conn = sqlite3.connect(tmp_path / "points.sqlite3")
+    try:
+        db_rows = conn.execute(
+            "SELECT timestamp_ns, value FROM points WHERE metric = 'memory_used'"
+        ).fetchall()
+        unit = conn.execute("SELECT unit FROM metrics WHERE name = 'memory_used'").fetchall()
+    finally:
+        conn.close()
+    assert len(csv_rows) == 1 and len(db_rows) == 1  # one poll
+    assert int(csv_rows[0]["value"]) == db_rows[0][1] and unit == [("By",)]
+
+
+def test_sigint_drains_like_sigterm(tmp_path: Path) -> None:
+    write_config(
+        tmp_path,
+        "[agent]\nself_metrics_interval = '0s'\n"
+        "[plugins.system]\npoll_interval = '100ms'\nflush_interval = '1h'\n"
+        "[plugins.csv]\nflush_interval = '1h'\n",
+    )
+    with started([], tmp_path) as proc:
+        output = tmp_path / "agent-output.csv"
+        wait_for(output.exists)  # csv opened its file: the pipeline runs
+        time.sleep(1)
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=30)
+    assert proc.returncode == 0, stderr
+    assert "SIGINT received" in stderr and "Traceback" not in stderr
+    polls = {r["timestamp"] for r in read_csv(tmp_path / "agent-output.csv") if r["metric"] == "memory_used"}
+    assert len(polls) >= 5, stderr  # every poll buffered by system and csv was written
+
+
+def test_exec_polls_before_the_command_starts_and_after_it_ends(tmp_path: Path) -> None:
+    write_config(tmp_path, "[plugins.system]\npoll_interval = '1h'\nflush_interval = '1h'\n[plugins.csv]\n")
+    command = "import time; print(time.time_ns(), flush=True); time.sleep(0.5); print(time.time_ns())"
+    result = run(["exec", "--", sys.executable, "-c", command], tmp_path)
+    assert result.returncode == 0, result.stderr
+    began, ended = (int(line) for line in result.stdout.split())
+    polls = sorted(
+        _ns(r["timestamp"]) for r in read_csv(tmp_path / "agent-output.csv") if r["metric"] == "memory_used"
+    )
+    assert len(polls) == 2
+    assert polls[0] < began and ended < polls[1]
+
+
+def _ns(rfc3339: str) -> int:
+    """2026-11-22T02:14:39.123456789Z -> nanoseconds since the epoch."""
+    import calendar
+
+    seconds, fraction = rfc3339.rstrip("Z").split(".")
+    return calendar.timegm(time.strptime(seconds, "%Y-%m-%dT%H:%M:%S")) * 10**9 + int(fraction)
+
+
+@pytest.mark.parametrize(("script", "code"), [("kill -KILL $$", 137), ("kill -TERM $$", 143)])
+def test_exec_exit_code_when_the_command_is_killed(tmp_path: Path, script: str, code: int) -> None:
+    write_config(tmp_path, "[plugins.csv]\n")
+    result = run(["exec", "--", "sh", "-c", script], tmp_path)
+    assert result.returncode == code, result.stderr
+
+
+def test_exec_interrupted_by_sigint_still_polls_after_the_command(tmp_path: Path) -> None:
+    # Ctrl-C in a terminal: the agent and the command (same process group) both get SIGINT.
+    write_config(tmp_path, "[plugins.system]\npoll_interval = '1h'\nflush_interval = '1h'\n[plugins.csv]\n")
+    proc = subprocess.Popen(
+        AGENT + ["exec", "--", sys.executable, "-c", "import time; print('up', flush=True); time.sleep(60)"],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        assert proc.stdout is not None and proc.stdout.readline() == "up\n"
+        os.killpg(proc.pid, signal.SIGINT)
+        _, stderr = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 130, stderr  # the command's: 128 + SIGINT
+    polls = {r["timestamp"] for r in read_csv(tmp_path / "agent-output.csv") if r["metric"] == "memory_used"}
+    assert len(polls) == 2, stderr

@@ -34,6 +34,10 @@ class FakeClient(Plugin):
 class FakeServerConfig(PluginConfig, kw_only=True):
     address: str = "[::]:50051"
 
+    def __post_init__(self) -> None:
+        if self.address.startswith("bad"):  # stands for the real plugin's address check
+            raise ValueError(f"address: expected HOST:PORT, got {self.address!r}")
+
 
 class FakeServer(Plugin):
     name = "relay-server"
@@ -53,15 +57,30 @@ class FakeCsv(Plugin):
 PLUGINS = {cls.name: PluginEntry(cls, "built-in") for cls in (FakeClient, FakeServer, FakeCsv)}
 
 
-def resolve(document: dict, overrides: Overrides | None = None, env: dict | None = None, generated: bool = False):
+def resolve(
+    document: dict, overrides: Overrides | None = None, env: dict | None = None, generated: bool = False
+):
     return config_mod.resolve(
-        document, PLUGINS, path=Path("/etc/agent/agent.toml"), overrides=overrides, env=env or {}, generated=generated
+        document,
+        PLUGINS,
+        path=Path("/etc/agent/agent.toml"),
+        overrides=overrides,
+        env=env or {},
+        generated=generated,
     )
 
 
 @pytest.mark.parametrize(
     ("text", "seconds"),
-    [("500ms", 0.5), ("30s", 30), ("1m30s", 90), ("1h", 3600), ("1.5s", 1.5), ("2m", 120), ("5 minutes", 300)],
+    [
+        ("500ms", 0.5),
+        ("30s", 30),
+        ("1m30s", 90),
+        ("1h", 3600),
+        ("1.5s", 1.5),
+        ("2m", 120),
+        ("5 minutes", 300),
+    ],
 )
 def test_durations(text: str, seconds: float) -> None:
     assert parse_duration(text) == pytest.approx(seconds)
@@ -81,7 +100,11 @@ def test_sizes() -> None:
 
 def test_a_table_enables_its_plugin_and_converts_values() -> None:
     cfg = resolve(
-        {"plugins": {"relay-client": {"enable": True, "buffer_timeout": "1m30s", "retry": {"initial_delay": "2s"}}}}
+        {
+            "plugins": {
+                "relay-client": {"enable": True, "buffer_timeout": "1m30s", "retry": {"initial_delay": "2s"}}
+            }
+        }
     )
     client = cfg.plugins["relay-client"]
     assert client.buffer_timeout == 90 and isinstance(client.buffer_timeout, Duration)
@@ -105,15 +128,27 @@ def test_generated_defaults_enable_only_standalone_plugins() -> None:
     [
         (
             {"plugins": {"relay-client": {"buffer_timeout": "soon"}}},
-            "plugins.relay-client.buffer_timeout: expected a duration like \"30s\", \"500ms\" or \"1m30s\", got 'soon'",
+            'plugins.relay-client.buffer_timeout: expected a duration like "30s", "500ms" or "1m30s", got \'soon\'',
         ),
-        ({"plugins": {"relay-client": {"retry": {"max_times": "x"}}}}, "plugins.relay-client.retry.max_times: expected int, got str"),
-        ({"plugins": {"relay-client": {"bufer_timeout": "1s"}}}, "plugins.relay-client.bufer_timeout: unknown key"),
-        ({"plugins": {"relay-client": {"disk_size": "huge"}}}, "plugins.relay-client.disk_size: expected a size like"),
+        (
+            {"plugins": {"relay-client": {"retry": {"max_times": "x"}}}},
+            "plugins.relay-client.retry.max_times: expected int, got str",
+        ),
+        (
+            {"plugins": {"relay-client": {"bufer_timeout": "1s"}}},
+            "plugins.relay-client.bufer_timeout: unknown key",
+        ),
+        (
+            {"plugins": {"relay-client": {"disk_size": "huge"}}},
+            "plugins.relay-client.disk_size: expected a size like",
+        ),
         ({"plugins": {"nosuch": {}}}, "plugins.nosuch: no plugin of that name is installed"),
         ({"agent": {"grace_period": "forever"}}, "agent.grace_period: expected a duration"),
         ({"agent": {"data_dri": "x"}}, "agent.data_dri: unknown key"),
-        ({"plugins": {"csv": {"overflow": "explode"}}}, "plugins.csv.overflow: invalid enum value 'explode'; expected one of: block, drop_oldest"),
+        (
+            {"plugins": {"csv": {"overflow": "explode"}}},
+            "plugins.csv.overflow: invalid enum value 'explode'; expected one of: block, drop_oldest",
+        ),
         ({"extra": {}}, "extra: unknown table"),
     ],
 )
@@ -145,14 +180,19 @@ def test_env_values_cannot_change_structure() -> None:
 
 
 def test_relay_flags_enable_their_plugin_without_a_table() -> None:
-    cfg = resolve({"plugins": {"csv": {"enable": True}}}, Overrides(relay_out="10.1.2.3:50051", relay_in="0.0.0.0:6000"))
+    cfg = resolve(
+        {"plugins": {"csv": {"enable": True}}}, Overrides(relay_out="10.1.2.3:50051", relay_in="0.0.0.0:6000")
+    )
     assert cfg.plugins["relay-client"].relay_server == "10.1.2.3:50051"
     assert cfg.plugins["relay-server"].address == "0.0.0.0:6000"
     assert "csv" in cfg.plugins
 
 
 def test_only_plugins_flag() -> None:
-    cfg = resolve({"plugins": {"csv": {"enable": True}, "relay-server": {"enable": True}}}, Overrides(only_plugins=["csv"]))
+    cfg = resolve(
+        {"plugins": {"csv": {"enable": True}, "relay-server": {"enable": True}}},
+        Overrides(only_plugins=["csv"]),
+    )
     assert list(cfg.plugins) == ["csv"]
     with pytest.raises(ConfigError, match="--plugins: no plugin named 'nosuch'"):
         resolve({}, Overrides(only_plugins=["nosuch"]))
@@ -161,6 +201,34 @@ def test_only_plugins_flag() -> None:
 def test_data_dir_is_relative_to_the_config_file() -> None:
     cfg = resolve({"agent": {"data_dir": "state"}})
     assert cfg.data_dir == Path("/etc/agent/state")
+    assert resolve({}).data_dir == Path("/etc/agent/agent-data")  # the default: beside the config
+    assert resolve({"agent": {"data_dir": "/var/lib/agent"}}).data_dir == Path("/var/lib/agent")
+
+
+def test_a_bad_value_from_a_relay_flag_names_the_flag() -> None:
+    with pytest.raises(ConfigError) as info:
+        resolve({}, Overrides(relay_in="bad-address"))
+    assert str(info.value) == "--relay-in: address: expected HOST:PORT, got 'bad-address'"
+    # The same value from the file names the table.
+    with pytest.raises(ConfigError) as info:
+        resolve({"plugins": {"relay-server": {"address": "bad-address"}}})
+    assert str(info.value) == "plugins.relay-server: address: expected HOST:PORT, got 'bad-address'"
+    # Another bad key of a table that a flag enables is still named by its table.
+    with pytest.raises(ConfigError, match=r"^plugins\.relay-client\.buffer_timeout: expected a duration"):
+        resolve({"plugins": {"relay-client": {"buffer_timeout": "soon"}}}, Overrides(relay_out="c:1"))
+
+
+def test_an_empty_plugins_flag_is_an_error() -> None:
+    with pytest.raises(ConfigError, match="^--plugins: expected plugin names separated by commas"):
+        resolve({}, Overrides(only_plugins=[]))
+
+
+def test_log_level_is_one_of_the_known_levels() -> None:
+    assert resolve({"agent": {"log_level": "debug"}}).agent.log_level == "debug"
+    with pytest.raises(
+        ConfigError, match="^agent.log_level: invalid enum value 'loud'; expected one of: debug, info"
+    ):
+        resolve({"agent": {"log_level": "loud"}})
 
 
 def test_generated_config_parses_back_to_the_defaults() -> None:
