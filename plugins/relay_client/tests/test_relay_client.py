@@ -261,6 +261,42 @@ async def test_a_version_reject_is_logged_with_both_versions_and_retried_at_max_
 
 
 @guarded(3600)
+async def test_a_server_that_never_answers_the_hello_is_left_after_the_handshake_timeout(
+    autojump_clock, caplog
+) -> None:
+    attempts: list[float] = []
+
+    async def silent_server() -> trio.abc.Stream:
+        attempts.append(trio.current_time())
+        client_end, server_end = trio.testing.memory_stream_pair()
+
+        async def swallow() -> None:
+            while await server_end.receive_some():
+                pass
+
+        nursery.start_soon(swallow)
+        return client_end
+
+    client = RelayClient(
+        settings(handshake_timeout=10.0, initial_delay=1.0, max_delay=1.0),
+        memory_store(),
+        connect=silent_server,
+    )
+    async with trio.open_nursery() as nursery:
+        await start_client(nursery, client)
+        while len(attempts) < 3:
+            await trio.sleep(1)
+        nursery.cancel_scope.cancel()
+    # Each attempt waits 10 s for the server's answer, then the retry delay, in [0.5, 1] s: no hang.
+    assert all(10.5 <= b - a <= 11.0 for a, b in zip(attempts, attempts[1:], strict=False))
+    assert any(
+        "cannot reach relay.invalid:50051: no answer to our hello within the handshake timeout of 10s"
+        in r.getMessage()
+        for r in caplog.records
+    )
+
+
+@guarded(3600)
 async def test_resumes_after_what_the_server_acknowledged(autojump_clock) -> None:
     online = False
 
