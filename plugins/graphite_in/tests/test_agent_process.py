@@ -1,8 +1,12 @@
 """graphite-in in the real agent process (`python -m agent.cli --config X`): lines in = lines out, towards
-two fake carbon-caches through graphite-out's consistent hashing, and into the csv output."""
+two fake carbon-caches through graphite-out's consistent hashing, and into the csv output.
+
+Every agent process is started by `running_agent`, which kills it on any way out of the test (a failed
+assertion, the `fail_after` guard, a cancelled nursery): a test run never leaves an agent behind."""
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import pickle
@@ -11,6 +15,7 @@ import signal
 import struct
 import subprocess
 import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import trio
@@ -29,13 +34,17 @@ class AgentProcess:
         self.process = process
         self.stderr = ""
         self._changed = trio.Event()
+        self._stderr_closed = trio.Event()
 
     async def collect_stderr(self) -> None:
         assert self.process.stderr is not None
-        async for data in self.process.stderr:
-            self.stderr += data.decode(errors="replace")
-            self._changed.set()
-            self._changed = trio.Event()
+        try:
+            async for data in self.process.stderr:
+                self.stderr += data.decode(errors="replace")
+                self._changed.set()
+                self._changed = trio.Event()
+        finally:
+            self._stderr_closed.set()
 
     async def wait_for_stderr(self, pattern: re.Pattern[str]) -> re.Match[str]:
         while (match := pattern.search(self.stderr)) is None:
@@ -54,11 +63,18 @@ class AgentProcess:
         }
 
     async def stop(self) -> int:
+        """SIGTERM, as a service manager stops it; returns the exit status once its last words are read."""
         self.process.send_signal(signal.SIGTERM)
-        return await self.process.wait()
+        with trio.fail_after(30):
+            returncode = await self.process.wait()
+        with trio.move_on_after(5):
+            await self._stderr_closed.wait()
+        return returncode
 
 
-async def start_agent(nursery: trio.Nursery, tmp_path: Path, config: str) -> AgentProcess:
+@contextlib.asynccontextmanager
+async def running_agent(tmp_path: Path, config: str) -> AsyncIterator[AgentProcess]:
+    """The agent with `config`, its stderr collected; killed when the block is left with it still running."""
     (tmp_path / "agent.toml").write_text(config)
     process = await trio.lowlevel.open_process(
         [sys.executable, "-m", "agent.cli", "--config", str(tmp_path / "agent.toml")],
@@ -68,8 +84,19 @@ async def start_agent(nursery: trio.Nursery, tmp_path: Path, config: str) -> Age
         stderr=subprocess.PIPE,
     )
     agent = AgentProcess(process)
-    nursery.start_soon(agent.collect_stderr)
-    return agent
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(agent.collect_stderr)
+            yield agent
+            nursery.cancel_scope.cancel()
+    finally:
+        # Shielded: a test that timed out is being cancelled, and the agent must still go.
+        with trio.CancelScope(shield=True):
+            if process.returncode is None:
+                process.kill()
+            await process.wait()
+            assert process.stderr is not None
+            await process.stderr.aclose()
 
 
 async def http_get(port: int, path: str) -> bytes:
@@ -100,8 +127,7 @@ async def test_graphite_in_to_graphite_out_consistent_hashing_lines_in_equal_lin
             carbons = [FakeCarbon(), FakeCarbon()]
             for carbon in carbons:
                 await carbon.start(nursery)
-            agent = await start_agent(
-                nursery,
+            async with running_agent(
                 tmp_path,
                 f"""
 [agent]
@@ -120,8 +146,7 @@ key = "carbon"
 type = "consistent_hashing"
 destinations = ["{carbons[0].address}:a", "{carbons[1].address}:b"]
 """,
-            )
-            try:
+            ) as agent:
                 ports = await agent.listening()
                 plain = [f"e2e.plain.{i} {i} {T0 + i}\n" for i in range(plain_count)]
                 plain += ["e2e.bad line\n", "e2e.tagged;host=web1;dc=eu 1.5 -1\n"]
@@ -140,7 +165,6 @@ destinations = ["{carbons[0].address}:a", "{carbons[1].address}:b"]
                     re.compile(r"admin HTTP API on http://127\.0\.0\.1:(\d+)")
                 )
                 bad_lines = json.loads(await http_get(int(admin.group(1)), "/badlines"))
-            finally:
                 returncode = await agent.stop()
             nursery.cancel_scope.cancel()
     assert returncode == 0, agent.stderr
@@ -163,11 +187,9 @@ destinations = ["{carbons[0].address}:a", "{carbons[1].address}:b"]
 
 async def test_graphite_in_to_csv(tmp_path: Path) -> None:
     with trio.fail_after(60):
-        async with trio.open_nursery() as nursery:
-            agent = await start_agent(
-                nursery,
-                tmp_path,
-                """
+        async with running_agent(
+            tmp_path,
+            """
 [agent]
 self_metrics_interval = "0s"
 
@@ -180,22 +202,17 @@ udp = "127.0.0.1:0"
 path = "out.csv"
 flush_interval = "50ms"
 """,
-            )
-            try:
-                ports = await agent.listening()
-                assert set(ports) == {"plaintext", "udp"}
-                await send_tcp(
-                    ports["plaintext"], b"csv.plain 1.5 1700000000\ncsv.tagged;b=2;a=1 7 1700000001\n"
-                )
-                udp = trio.socket.socket(type=trio.socket.SOCK_DGRAM)
-                with udp:
-                    await udp.sendto(b"csv.udp 3 1700000002", ("127.0.0.1", ports["udp"]))
-                output = tmp_path / "out.csv"
-                while not output.exists() or output.read_text().count("\n") < 4:
-                    await trio.sleep(0.05)
-            finally:
-                returncode = await agent.stop()
-            nursery.cancel_scope.cancel()
+        ) as agent:
+            ports = await agent.listening()
+            assert set(ports) == {"plaintext", "udp"}
+            await send_tcp(ports["plaintext"], b"csv.plain 1.5 1700000000\ncsv.tagged;b=2;a=1 7 1700000001\n")
+            udp = trio.socket.socket(type=trio.socket.SOCK_DGRAM)
+            with udp:
+                await udp.sendto(b"csv.udp 3 1700000002", ("127.0.0.1", ports["udp"]))
+            output = tmp_path / "out.csv"
+            while not output.exists() or output.read_text().count("\n") < 4:
+                await trio.sleep(0.05)
+            returncode = await agent.stop()
     assert returncode == 0, agent.stderr
     with (tmp_path / "out.csv").open(newline="") as f:
         rows = {row["metric"]: row for row in csv.DictReader(f, delimiter=";")}
@@ -204,3 +221,16 @@ flush_interval = "50ms"
     assert rows["csv.plain"]["timestamp"].startswith("2023-11-14T22:13:20")
     assert rows["csv.tagged;a=1;b=2"]["attributes"] == "a=1,b=2"
     assert rows["csv.udp"]["resource_kind"] == "local_machine"
+
+
+async def test_an_agent_is_killed_when_the_test_times_out(tmp_path: Path) -> None:
+    # What the other tests rely on: leaving running_agent by a timeout (a cancellation) kills the agent.
+    config = '[plugins.graphite-in]\nplaintext = "127.0.0.1:0"\npickle = ""\n'
+    with trio.fail_after(30):
+        with trio.move_on_after(20) as timeout:
+            async with running_agent(tmp_path, config) as agent:
+                await agent.listening()
+                timeout.deadline = trio.current_time() + 0.1
+                await trio.sleep_forever()  # a test stuck waiting for something that never comes
+    assert timeout.cancelled_caught
+    assert agent.process.returncode == -signal.SIGKILL
