@@ -14,13 +14,21 @@ Where points wait, in order:
    bounded by `spool_max_size` (when full, its oldest points are dropped and counted as `spool_full`).
 
 Points go to the spool when the destination is down (a connection attempt failed or the connection
-broke) or when its memory queue is full (it is slow). The first point that goes to the spool takes the
-memory queue with it, and from then on, as long as the spool is not empty, every new point goes to the
-spool too: so the spool always holds the newest points, after everything in memory, and the destination
-receives every point in the order it was routed. Once connected, the writer replays the spool at
-`replay_rate` points per second on top of the live traffic (the points that arrive while it replays are
-added to its allowance, so it always catches up and never floods a carbon-cache that just came back).
-When the spool is empty, new points use the memory queue again.
+broke) or when its memory queue is full (it is slow, or a burst came in). The first point that goes to the
+spool takes the memory queue with it, and from then on, as long as the spool is not empty, every new point
+goes to the spool too: so the spool always holds the newest points, after everything in memory, and the
+destination receives every point in the order it was routed. When the spool is empty, new points use the
+memory queue again.
+
+How fast the spool is replayed depends on why it filled:
+
+- after an outage (the spool took points while the destination was down, or the destination went down
+  while it was replaying), and for a spool left by an earlier run: at `replay_rate` points per second on
+  top of the live traffic (the points that arrive while it replays are added to its allowance, so it
+  always catches up), so that a carbon-cache that just came back is not flooded with its backlog;
+- after a spill of a destination that stayed up (its memory queue filled during a burst): as fast as the
+  destination takes it, like the memory queue; only the destination's own pace (TCP back-pressure) bounds
+  it. Pacing it would hold a healthy carbon-cache to `replay_rate` for as long as the burst was big.
 
 With `spool = false`, points queue in memory while the destination is slow or down, and what does not fit
 is dropped and counted (`queue_full` while connected, `down_no_spool` while down).
@@ -222,6 +230,9 @@ class Destination:
         # drops in points.
         self._spool_index: deque[tuple[int, int]] = deque()
         self.spooling = False
+        #: Whether the spool is replayed at replay_rate: it holds points that waited out an outage (or an
+        #: earlier run). A spill of a destination that stayed up is replayed at full speed.
+        self.paced_replay = False
         self.connected = False
         self.down = False
         self.down_since: float | None = None
@@ -280,6 +291,8 @@ class Destination:
                 self.spool.pending_bytes,
             )
             self.spooling = True
+            # We cannot know whether the destination is healthy: treat it as one that comes back.
+            self.paced_replay = True
 
     def close_spool(self) -> None:
         if self.spool is not None:
@@ -298,7 +311,7 @@ class Destination:
             return
         if self.spooling and self.spool is not None:
             self._spool_append([chunk])
-            if self.connected and self._pacer is not None:
+            if self.paced_replay and self.connected and self._pacer is not None:
                 self._pacer.credit(points)
             return
         full = self.queued_points + points > self.config.queue_max_points
@@ -327,6 +340,8 @@ class Destination:
         """Moves the memory queue to the spool (it is older than anything that comes next)."""
         if not self.spooling:
             log.info("%s: %s; spooling to %s", self.name, why, self.spool_path)
+            # A spill while connected (queue full) is replayed at full speed, a backlog of an outage paced.
+            self.paced_replay = self.down
         self.spooling = True
         if self.queue:
             chunks = list(self.queue)
@@ -498,6 +513,9 @@ class Destination:
         if not self.down:
             self.down = True
             self.down_since = now
+            if self.spooling:
+                # A spill being replayed at full speed is now the backlog of an outage.
+                self.paced_replay = True
             if self.config.spool and self.queue:
                 try:
                     self.open_spool()
@@ -534,6 +552,7 @@ class Destination:
                 self.spool.commit(records[-1][0])
                 self._drop_index_through(records[-1][0])
             self.spooling = False
+            self.paced_replay = False
         if chunks:
             points = sum(len(chunk) for chunk in chunks)
             self.redistributed += points
@@ -608,6 +627,7 @@ class Destination:
                 if await self._replay_some(stream):
                     continue
                 self.spooling = False
+                self.paced_replay = False
                 log.info("%s: spool replayed; back to the memory queue", self.name)
                 continue
             await self._wait_for_wakeup()
@@ -623,13 +643,14 @@ class Destination:
         return chunks
 
     async def _replay_some(self, stream: trio.abc.Stream) -> bool:
-        """Writes the next spool records, paced; False when the spool is empty.
+        """Writes the next spool records; False when the spool is empty.
 
-        Records are cut into slices of at most REPLAY_SLICE_SECONDS of rate, each booked with the pacer, so
-        that a big record does not go out as one burst after a long wait. Slices that need no wait are
-        written together. A record is committed once all of it is written; if the connection breaks in the
-        middle of one, all of it is sent again on the next connection (duplicates, which Graphite ignores,
-        rather than a gap).
+        Unpaced (a spill of a destination that stayed up), the records go out in one write. Paced (after
+        an outage, see the module docstring), they are cut into slices of at most REPLAY_SLICE_SECONDS of
+        rate, each booked with the pacer, so that a big record does not go out as one burst after a long
+        wait; slices that need no wait are written together. A record is committed once all of it is
+        written; if the connection breaks in the middle of one, all of it is sent again on the next
+        connection (duplicates, which Graphite ignores, rather than a gap).
         """
         assert self.spool is not None
         records = self.spool.read(self.spool.committed_seq, SPOOL_READ_RECORDS, SPOOL_READ_BYTES)
@@ -651,16 +672,15 @@ class Destination:
                 self._drop_index_through(complete_seq)
                 complete_seq = None
 
+        pacer = self._pacer if self.paced_replay else None
         for seq, payload in records:
             chunk = self._decode(payload)
-            if chunk is not None:
+            if chunk is not None and pacer is None:
+                pending.append(chunk)
+            elif chunk is not None:
                 for start in range(0, len(chunk), slice_points):
                     part = take(chunk, range(start, min(start + slice_points, len(chunk))))
-                    delay = (
-                        self._pacer.reserve(len(part), trio.current_time())
-                        if self._pacer is not None
-                        else 0.0
-                    )
+                    delay = pacer.reserve(len(part), trio.current_time())
                     if delay > 0:
                         await flush()
                         await trio.sleep(delay)
@@ -739,6 +759,7 @@ class Destination:
             "queue_points": self.memory_points,
             "queue_max_points": self.config.queue_max_points,
             "spool": self.config.spool,
+            "replay_paced": self.paced_replay,
             "spool_records": spool.pending_records if spool is not None else 0,
             "spool_bytes": spool.pending_bytes if spool is not None else 0,
             "spool_max_bytes": int(self.config.spool_max_size),

@@ -391,8 +391,9 @@ class DestinationConfig(MatchFields, forbid_unknown_fields=True, kw_only=True):
     queue_max_points: Annotated[int, Meta(ge=1)] = 100_000
     #: Disk the spool may use; when full, the oldest spooled points are dropped and counted.
     spool_max_size: Size = Size(1 << 30)
-    #: Points per second replayed from the spool once the destination is back, on top of live traffic:
-    #: unthrottled replay overloads carbon-caches (carbon-relay-ng #156).
+    #: Points per second replayed from the spool once the destination is back from an outage, on top of
+    #: live traffic: unthrottled replay overloads carbon-caches (carbon-relay-ng #156). A spill of a
+    #: destination that stayed up (a burst filled its queue) is replayed at full speed.
     replay_rate: Annotated[float, Meta(gt=0)] = 50_000.0
     #: Small writes are gathered: after a write, a write of fewer than 1000 points waits until this long
     #: after the previous one (points after an idle spell go at once).

@@ -41,6 +41,9 @@ class Network:
         self.attempts: list[float] = []
         self.lines: list[tuple[float, bytes]] = []
         self.writes = 0
+        #: Close the next connection after its first write and refuse connections until `up` again (a
+        #: carbon-cache that dies while it is being written to).
+        self.die_after_first_write = False
 
     async def connect(self, host: str, port: int) -> trio.abc.Stream:
         self.attempts.append(trio.current_time())
@@ -54,6 +57,12 @@ class Network:
         buffer = b""
         while data := await stream.receive_some(1 << 20):
             self.writes += 1
+            if self.die_after_first_write:
+                # What the dead carbon-cache had received is lost with it.
+                self.die_after_first_write = False
+                self.up = False
+                await stream.aclose()
+                return
             buffer += data
             *lines, buffer = buffer.split(b"\n")
             self.lines.extend((trio.current_time(), line) for line in lines)
@@ -160,4 +169,94 @@ async def test_small_writes_right_after_another_are_gathered_for_flush_interval(
         assert len(network.lines) == 1
         await trio.sleep(1)
         assert len(network.lines) == 11 and network.writes == 2
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_destination_that_stays_up_replays_a_spill_at_full_speed(tmp_path, autojump_clock):
+    # A burst overflows the memory queue of a healthy destination: the spool must drain as fast as the
+    # destination takes it, not at replay_rate (which would take 15 s here).
+    async with trio.open_nursery() as nursery:
+        network = Network(nursery)
+        network.up = True
+        dest = destination(tmp_path, Owner(), network, queue_max_points=5000, replay_rate=1000.0)
+        nursery.start_soon(dest.run)
+        while not dest.connected:
+            await trio.sleep(0.001)
+        started = trio.current_time()
+        for n in range(20):  # 20000 points at once
+            dest.offer(chunk(n * 1000, 1000))
+        # The 5000 queued points went to the spool first, then everything after them.
+        assert dest.spooling and dest.spooled == 20_000 and not dest.paced_replay
+        while len(network.lines) < 20_000:
+            await trio.sleep(0.01)
+        assert network.lines[-1][0] - started < 0.5
+        assert [line.split(b" ")[0] for _, line in network.lines] == [
+            f"p.{i}".encode() for i in range(20_000)
+        ]
+        await trio.sleep(0.1)
+        assert not dest.spooling and dest.replayed == 20_000
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_spill_becomes_paced_when_the_destination_goes_down(tmp_path, autojump_clock):
+    # A burst spills, and the carbon-cache dies at its first replay write: the rest of the spool is now
+    # the backlog of an outage, replayed at replay_rate once it is back.
+    async with trio.open_nursery() as nursery:
+        network = Network(nursery)
+        network.up = True
+        network.die_after_first_write = True
+        dest = destination(tmp_path, Owner(), network, queue_max_points=500, replay_rate=1000.0)
+        nursery.start_soon(dest.run)
+        while not dest.connected:
+            await trio.sleep(0.001)
+        for n in range(200):  # 20000 points in 200 records
+            dest.offer(chunk(n * 100, 100))
+        assert dest.spooling and not dest.paced_replay
+        while dest.connected or not dest.down:
+            await trio.sleep(0.001)
+        # What was written before the close was noticed (whole reads of 64 records) is lost with it.
+        lost = dest.replayed
+        assert dest.paced_replay and lost % 6400 == 0 and 0 < lost <= 12_800
+        await trio.sleep(5)
+        network.up = True
+        while not dest.connected:
+            await trio.sleep(0.001)
+        started = trio.current_time()
+        while len(network.lines) < 20_000 - lost:
+            await trio.sleep(0.01)
+        # The rest at 1000 points/s after a one-second allowance (at full speed it would take no time).
+        expected_seconds = (20_000 - lost - 1000) / 1000
+        assert expected_seconds - 0.5 <= network.lines[-1][0] - started <= expected_seconds + 1.5
+        assert [line.split(b" ")[0] for _, line in network.lines] == [
+            f"p.{i}".encode() for i in range(lost, 20_000)
+        ]
+        await trio.sleep(0.5)
+        assert not dest.spooling and not dest.paced_replay
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_spool_left_by_an_earlier_run_is_replayed_paced(tmp_path, autojump_clock):
+    # The agent stopped while the destination was down: at the next start nobody knows whether that
+    # carbon-cache is just back, so its backlog goes at replay_rate.
+    async with trio.open_nursery() as nursery:
+        network = Network(nursery)
+        before = destination(tmp_path, Owner(), network, replay_rate=1000.0)
+        async with trio.open_nursery() as first_run:
+            first_run.start_soon(before.run)
+            while not before.down:
+                await trio.sleep(0.001)
+            for n in range(5):
+                before.offer(chunk(n * 1000, 1000))
+            first_run.cancel_scope.cancel()
+        before.finish("shutdown")
+        network.up = True
+        after = destination(tmp_path, Owner(), network, replay_rate=1000.0)
+        after.open_spool(only_existing=True)
+        assert after.spooling and after.paced_replay
+        started = trio.current_time()
+        nursery.start_soon(after.run)
+        while len(network.lines) < 5000:
+            await trio.sleep(0.01)
+        assert 3.5 <= network.lines[-1][0] - started <= 5.0  # 5000 points: 1000 at once, then 1000/s
+        assert [line.split(b" ")[0] for _, line in network.lines] == [f"p.{i}".encode() for i in range(5000)]
         nursery.cancel_scope.cancel()
