@@ -1,0 +1,162 @@
+"""The Agent: starting the enabled plugins (failures named), running their pipeline, calling the
+lifecycle hooks, stopping the plugins. In-process, with small plugins written for the test."""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from agent import hookimpl
+from agent.config import AgentConfig, AgentSection
+from agent.manager import PluginEntry, build_plugin_manager, collect_plugins
+from agent.model import LOCAL_MACHINE, LOCAL_MACHINE_CONSUMER
+from agent.plugin import BatchBuilder, OutputConfig, Plugin, PluginConfig, PolledSource, StartContext
+from agent.runtime import Agent, PluginStartError
+from agent.testing import CollectingOutput
+from agent.units import Duration
+
+EVENTS: list[str] = []
+
+
+class Ticks(PolledSource):
+    poll_interval = flush_interval = 1.0
+
+    async def poll(self, points: BatchBuilder, timestamp_ns: int) -> None:
+        points.add("ticks", 1, timestamp_ns, LOCAL_MACHINE, LOCAL_MACHINE_CONSUMER)
+
+
+class TicksPlugin(Plugin):
+    name = "ticks"
+    provides = ("source",)
+
+    def start(self, ctx: StartContext, config: PluginConfig) -> None:
+        ctx.create_metric("ticks", "1", "int", "one per poll")
+        ctx.add_source(Ticks())
+        EVENTS.append("ticks started")
+
+    def stop(self) -> None:
+        EVENTS.append("ticks stopped")
+
+
+class EnergyInWatts(Plugin):
+    """Registers `ticks` again with another unit: a conflict."""
+
+    name = "conflicting"
+    provides = ("source",)
+
+    def start(self, ctx: StartContext, config: PluginConfig) -> None:
+        ctx.create_metric("ticks", "W", "int")
+
+
+class Broken(Plugin):
+    name = "broken"
+    provides = ("source",)
+
+    def start(self, ctx: StartContext, config: PluginConfig) -> None:
+        raise ValueError("no sensor at /dev/sensor0")
+
+
+class Collect(Plugin):
+    name = "collect"
+    Config = OutputConfig
+    provides = ("output",)
+    output: CollectingOutput | None = None
+
+    def start(self, ctx: StartContext, config: OutputConfig) -> None:
+        Collect.output = CollectingOutput()
+        ctx.add_output(Collect.output, config)
+
+
+def make_agent(names: list[str], pm=None, **agent: Any) -> Agent:
+    available = {
+        cls.name: PluginEntry(cls, "built-in") for cls in (TicksPlugin, EnergyInWatts, Broken, Collect)
+    }
+    configs = {name: available[name].cls.Config(enable=True) for name in names}
+    section = AgentSection(self_metrics_interval=Duration(0), **agent)
+    return Agent(AgentConfig(section, Path("/tmp/agent.toml"), configs), available, pm)
+
+
+@pytest.fixture(autouse=True)
+def clear_events() -> None:
+    EVENTS.clear()
+
+
+def test_a_failing_start_names_the_plugin_and_stops_those_already_started() -> None:
+    agent = make_agent(["ticks", "broken", "collect"])
+    with pytest.raises(PluginStartError) as info:
+        agent.start_plugins()
+    assert str(info.value) == "plugin broken failed to start: ValueError: no sensor at /dev/sensor0"
+    assert EVENTS == ["ticks started", "ticks stopped"]
+
+
+def test_a_metric_conflict_between_plugins_fails_the_second_one() -> None:
+    agent = make_agent(["ticks", "conflicting"])
+    with pytest.raises(PluginStartError) as info:
+        agent.start_plugins()
+    assert str(info.value) == (
+        "plugin conflicting failed to start: MetricConflictError: metric 'ticks' is already registered"
+        " as (unit='1', type=int), not (unit='W', type=int)"
+    )
+
+
+async def test_once_runs_one_poll_then_stops_the_plugins() -> None:
+    agent = make_agent(["ticks", "collect"])
+    await agent.run(once=True, handle_signals=False)
+    assert Collect.output is not None and Collect.output.values("ticks") == [1]
+    assert EVENTS == ["ticks started", "ticks stopped"]
+    assert agent.started == {}
+
+
+async def test_sigterm_drains_and_returns(autojump_clock) -> None:
+    agent = make_agent(["ticks", "collect"], grace_period=Duration(5))
+    # Should the agent not take SIGTERM, this handler keeps the test process alive (and the test fails).
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: None)
+    try:
+        with trio.fail_after(60):
+            async with trio.open_nursery() as nursery:
+                await nursery.start(agent.run)
+                await trio.sleep(4.5)  # polls at 0..4; the source flushes every poll
+                os.kill(os.getpid(), signal.SIGTERM)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert Collect.output is not None and Collect.output.values("ticks") == [1] * 5
+    assert EVENTS[-1] == "ticks stopped"
+
+
+class LifecycleRecorder:
+    """Implements every hook of agent.hookspecs and records its calls (see test_hookspecs.py)."""
+
+    def __init__(self) -> None:
+        self.calls: dict[str, dict[str, Any]] = {}
+
+    @hookimpl
+    def agent_plugins(self) -> list[type[Plugin]]:
+        self.calls["agent_plugins"] = {}
+        return []
+
+    @hookimpl
+    def agent_pipeline_started(self, plugin_names: list[str], elements: list[Any]) -> None:
+        self.calls["agent_pipeline_started"] = {"plugin_names": plugin_names, "elements": elements}
+
+    @hookimpl
+    def agent_pipeline_stopped(self, counters: dict[str, dict[str, int]]) -> None:
+        self.calls["agent_pipeline_stopped"] = {"counters": counters}
+
+
+async def test_lifecycle_hooks_are_called_with_their_arguments() -> None:
+    recorder = LifecycleRecorder()
+    pm = build_plugin_manager([recorder], load_entry_points=False)
+    assert collect_plugins(pm) == {}
+    agent = make_agent(["ticks", "collect"], pm)
+    await agent.run(once=True, handle_signals=False)
+    started = recorder.calls["agent_pipeline_started"]
+    assert started["plugin_names"] == ["ticks", "collect"]
+    assert [(e.plugin, e.kind) for e in started["elements"]] == [("ticks", "source"), ("collect", "output")]
+    assert recorder.calls["agent_pipeline_stopped"] == {
+        "counters": {"collect": {"received": 1, "written": 1, "dropped": 0, "queued": 0}}
+    }
