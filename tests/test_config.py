@@ -255,3 +255,27 @@ def test_a_table_without_enable_turns_its_plugin_on() -> None:
     # The contract configs of the relay and Graphite plugins have no `enable` key.
     cfg = resolve({"plugins": {"relay-server": {"address": "127.0.0.1:7000"}, "csv": {"enable": False}}})
     assert list(cfg.plugins) == ["relay-server"]
+
+
+def test_the_readme_config_is_valid_and_shows_the_defaults() -> None:
+    import re
+    import tomllib
+
+    import msgspec
+
+    from agent.config import AgentSection
+    from agent.manager import build_plugin_manager, collect_plugins
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme[readme.index("## Config") :]
+    block = re.search(r"```toml\n(.*?)```", section, re.DOTALL)
+    assert block is not None
+    installed = collect_plugins(build_plugin_manager(load_entry_points=False))
+    cfg = config_mod.resolve(
+        tomllib.loads(block.group(1)), installed, path=Path("/etc/agent/agent.toml"), env={}
+    )
+    assert cfg.agent == AgentSection()
+    assert list(cfg.plugins) == ["system", "csv"]
+    for name, config in cfg.plugins.items():
+        defaults = msgspec.structs.replace(installed[name].cls.Config(), enable=True)
+        assert config == defaults, f"README.md's [plugins.{name}] differs from the defaults"

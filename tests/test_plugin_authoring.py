@@ -83,7 +83,7 @@ async def test_the_readme_source_in_a_running_pipeline(uptime, autojump_clock) -
     async with running_pipeline([source_element(source, "uptime")], [out]):
         with trio.fail_after(60):
             await out.wait_for_points(1)  # the first poll goes out at once
-            await trio.sleep(20)
+            await trio.sleep(25)
     # Polls at 0, 10, 20: the first one at once, the later ones each after its flush interval.
     assert len(out.values("uptime")) == 3
 

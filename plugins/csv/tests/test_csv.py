@@ -255,3 +255,16 @@ def test_agent_with_no_config_writes_agent_output_csv(tmp_path: Path) -> None:
     assert lines[0] == HEADER.strip()
     assert len(lines) > 10
     assert any(line.startswith("memory_used;") for line in lines)
+
+
+async def test_a_file_with_another_header_is_appended_to_with_a_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "out.csv"
+    path.write_text("time,name,value\n2026-01-01,x,1\n")
+    await run_output(CsvOutput(path), [make_batch(make_series("m", [2], timestamps=[T0]))])
+    # Nothing is truncated or rewritten: the old rows stay, the new ones follow.
+    assert path.read_text() == (
+        "time,name,value\n2026-01-01,x,1\nm;2026-11-22T02:14:39.123456789Z;2;local_machine;;local_machine;;\n"
+    )
+    assert "the existing first line is not this output's header" in caplog.text
