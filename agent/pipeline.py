@@ -346,6 +346,8 @@ class Pipeline:
         self._stop_sources = trio.Event()
         self._stopping = False
         self._final_poll = False
+        # Set when stopping: everything left must be done by then (see `run`).
+        self._shutdown_deadline = math.inf
         #: Set once every polled source has polled once (`agent exec` starts its command then).
         self.first_polls_done = trio.Event()
         self._first_polls_pending = sum(
@@ -419,11 +421,15 @@ class Pipeline:
                         # Polled sources return after their one poll; nothing else runs.
                         self._stop_sources.set()
                     await self._stop_sources.wait()
+                    # The whole shutdown (last polls, hand-over, drain) fits in the grace period
+                    # counted from the stop request: a blocked queue cannot hold the agent forever.
+                    self._shutdown_deadline = trio.current_time() + grace_period
+                    polled.cancel_scope.deadline = self._shutdown_deadline
+                    outputs_scope.deadline = self._shutdown_deadline
                     autonomous.cancel_scope.cancel()
             # Every source has returned: nothing more comes in. Let the dispatcher drain, then the
-            # outputs, within the grace period.
+            # outputs.
             await self._send_channel.aclose()
-            outputs_scope.deadline = trio.current_time() + grace_period
             await outputs_done.wait()
             outer.cancel_scope.cancel()
 
@@ -484,7 +490,15 @@ class Pipeline:
                     break
                 if polls_since_flush >= flush_every and len(builder):
                     polls_since_flush = 0
-                    await self._send(builder.take(), None)
+                    batch = builder.take()
+                    try:
+                        await self._send(batch, None)
+                    except trio.Cancelled:
+                        # Not sent (a channel send is all or nothing): back into the builder, for
+                        # the hand-over below to account for.
+                        for series in batch.series:
+                            builder.add_series(series)
+                        raise
                 next_poll += poll_interval
                 now = trio.current_time()
                 if next_poll < now:  # we fell behind (slow poll): skip missed ticks, do not burst
@@ -497,9 +511,17 @@ class Pipeline:
                     break
         finally:
             if len(builder):
-                # Points already measured are never dropped at shutdown.
-                with trio.CancelScope(shield=True):
+                # Points already measured are handed over at shutdown, unless the outputs are so
+                # stuck that the grace period runs out first.
+                points = len(builder)
+                with trio.CancelScope(shield=True, deadline=self._shutdown_deadline) as handover:
                     await self._send(builder.take(), None)
+                if handover.cancelled_caught:
+                    log.error(
+                        "source %s: %d points not written: the grace period ran out at shutdown",
+                        state.element.full_name,
+                        points,
+                    )
             with trio.CancelScope(shield=True), trio.move_on_after(5):
                 await source.close()
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import trio
 import trio.testing
 
@@ -385,3 +387,31 @@ async def test_self_metrics_count_received_written_dropped_queued_per_output(
         ("agent_output_points_dropped_total", "stuck"): 6,
         ("agent_output_points_queued", "stuck"): 4,
     }
+
+
+async def test_stop_with_a_stuck_blocking_output_ends_within_the_grace_period(
+    autojump_clock: trio.testing.MockClock, caplog
+) -> None:
+    # overflow = "block" and an output that never finishes: the dispatcher waits, the source channel
+    # fills up, and the polled source waits to hand over its points. Stopping must still end.
+    source = CountingSource(poll_interval=1.0, flush_interval=1.0)
+    stuck = CollectingOutput(delay=10_000)
+    elements = [
+        source_element(source, "ticks"),
+        output_element(stuck, "stuck", OutputConfig(queue_max_points=1, overflow="block")),
+    ]
+    pipeline = Pipeline(elements, source_channel_size=1)
+    with trio.fail_after(1000):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(partial(pipeline.run, grace_period=2.0))
+            await trio.sleep(10.5)
+            assert len(source.polls) < 10  # held back by the full queue
+            stopped_at = trio.current_time()
+            pipeline.stop()
+    assert trio.current_time() - stopped_at <= 2.0
+    counters = pipeline.counters()["stuck"]
+    assert counters["written"] == 0 and counters["queued"] == 0
+    # What could not be written is said, for the source and for the output.
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert "source ticks: 1 points not written: the grace period ran out at shutdown" in errors
+    assert any(m.startswith("output stuck: ") and "the grace period ran out" in m for m in errors), errors
