@@ -67,7 +67,8 @@ class AgentConfig:
 
     agent: AgentSection
     path: Path | None
-    plugins: dict[str, Any] = field(default_factory=dict)  # name -> config Struct (enabled ones only)
+    # name -> config Struct, for the enabled plugins only, in config order (see `resolve`)
+    plugins: dict[str, Any] = field(default_factory=dict)
     disabled: set[str] = field(default_factory=set)
 
     @property
@@ -244,7 +245,11 @@ def resolve(
             enabled[name] = config
         else:
             disabled.add(name)
-    return AgentConfig(agent=agent, path=path, plugins=enabled, disabled=disabled)
+    # Config order: the plugins with a table in the order of the tables (transforms run in that
+    # order), then those enabled without one (--relay-out, --relay-in, the embedded defaults).
+    ordered = {name: enabled[name] for name in tables if name in enabled}
+    ordered.update((name, config) for name, config in enabled.items() if name not in ordered)
+    return AgentConfig(agent=agent, path=path, plugins=ordered, disabled=disabled)
 
 
 def load(

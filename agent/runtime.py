@@ -50,7 +50,7 @@ class Agent:
         self.pipeline: Pipeline | None = None
 
     def start_plugins(self) -> Pipeline:
-        """Calls `start` on every enabled plugin, in the order they are installed, and builds the pipeline."""
+        """Calls `start` on every enabled plugin, in config order, and builds the pipeline."""
         data_dir = self.config.data_dir
         for name, plugin_config in self.config.plugins.items():
             plugin = self.available[name].cls()
@@ -63,8 +63,8 @@ class Agent:
                 raise PluginStartError(f"plugin {name} failed to start: {describe_exception(exc)}") from exc
             self.started[name] = plugin
             self.elements += ctx.elements
-        # Transforms run in config order: the order of the [plugins.*] tables, which is the order of
-        # self.config.plugins for the tables the file has.
+        # Transforms run in the order their elements were added: the plugins start in config order
+        # (the order of the [plugins.*] tables, kept by agent.config.resolve).
         if self.config.agent.self_metrics_interval > 0:
             for metric, unit, description in SELF_METRICS:
                 self.registry.register(MetricDef(metric, unit, "int", description))

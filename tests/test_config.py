@@ -279,3 +279,9 @@ def test_the_readme_config_is_valid_and_shows_the_defaults() -> None:
     for name, config in cfg.plugins.items():
         defaults = msgspec.structs.replace(installed[name].cls.Config(), enable=True)
         assert config == defaults, f"README.md's [plugins.{name}] differs from the defaults"
+
+
+def test_enabled_plugins_come_in_the_order_of_their_tables() -> None:
+    # Installed order: relay-client, relay-server, csv. Transforms run in config order.
+    cfg = resolve({"plugins": {"csv": {}, "relay-server": {}}}, Overrides(relay_out="collector:1"))
+    assert list(cfg.plugins) == ["csv", "relay-server", "relay-client"]

@@ -11,11 +11,20 @@ from typing import Any
 import pytest
 import trio
 
+from agent import config as config_mod
 from agent import hookimpl
 from agent.config import AgentConfig, AgentSection
 from agent.manager import PluginEntry, build_plugin_manager, collect_plugins
 from agent.model import LOCAL_MACHINE, LOCAL_MACHINE_CONSUMER
-from agent.plugin import BatchBuilder, OutputConfig, Plugin, PluginConfig, PolledSource, StartContext
+from agent.plugin import (
+    BatchBuilder,
+    OutputConfig,
+    Plugin,
+    PluginConfig,
+    PolledSource,
+    StartContext,
+    Transform,
+)
 from agent.runtime import Agent, PluginStartError
 from agent.testing import CollectingOutput
 from agent.units import Duration
@@ -70,6 +79,50 @@ class Collect(Plugin):
     def start(self, ctx: StartContext, config: OutputConfig) -> None:
         Collect.output = CollectingOutput()
         ctx.add_output(Collect.output, config)
+
+
+class Double(Transform):
+    def apply(self, batch):
+        for s in batch.series:
+            s.values = [v * 2 for v in s.values]
+        return batch
+
+
+class PlusOne(Transform):
+    def apply(self, batch):
+        for s in batch.series:
+            s.values = [v + 1 for v in s.values]
+        return batch
+
+
+class DoublePlugin(Plugin):
+    name = "double"
+    provides = ("transform",)
+
+    def start(self, ctx: StartContext, config: PluginConfig) -> None:
+        ctx.add_transform(Double())
+
+
+class PlusOnePlugin(Plugin):
+    name = "plus-one"
+    provides = ("transform",)
+
+    def start(self, ctx: StartContext, config: PluginConfig) -> None:
+        ctx.add_transform(PlusOne())
+
+
+@pytest.mark.parametrize(("tables", "value"), [(["plus-one", "double"], 4), (["double", "plus-one"], 3)])
+async def test_transforms_run_in_the_order_of_the_config_tables(tables: list[str], value: int) -> None:
+    available = {
+        cls.name: PluginEntry(cls, "built-in") for cls in (TicksPlugin, DoublePlugin, PlusOnePlugin, Collect)
+    }
+    document = {
+        "agent": {"self_metrics_interval": "0s"},
+        "plugins": {name: {} for name in ["ticks", *tables, "collect"]},
+    }
+    cfg = config_mod.resolve(document, available, path=Path("/tmp/agent.toml"), env={})
+    await Agent(cfg, available).run(once=True, handle_signals=False)
+    assert Collect.output is not None and Collect.output.values("ticks") == [value]
 
 
 def make_agent(names: list[str], pm=None, **agent: Any) -> Agent:
