@@ -18,6 +18,7 @@ def tests(session: nox.Session) -> None:
 
 @nox.session
 def lint(session: nox.Session) -> None:
+    """ruff's checks on every Python folder, and its formatting on the core."""
     session.install("ruff")
     session.run("ruff", "check", "agent", "plugins", "plugins-contrib", "tests", "benchmarks")
     session.run("ruff", "format", "--check", "--diff", "agent")

@@ -51,7 +51,8 @@ class AgentSection(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     # Where durable state lives (relay disk buffer, Graphite spools). Relative paths are relative
     # to the config file's folder.
     data_dir: str = "agent-data"
-    # At shutdown, how long outputs may take to write what they hold.
+    # How long a shutdown may take, from the signal: last polls, then writing what is buffered.
+    # What is still unwritten then is dropped and logged.
     grace_period: Duration = Duration(10.0)
     # How often the agent's own counters are emitted as points; "0s" switches them off.
     self_metrics_interval: Duration = Duration(10.0)
