@@ -32,6 +32,15 @@ class FakeCarbon:
         self._scope: trio.CancelScope | None = None
         self._stopped = trio.Event()
         self._changed = trio.Event()
+        self._reading = trio.Event()
+        self._reading.set()
+
+    def pause(self) -> None:
+        """Stops reading (a carbon-cache too slow to keep up): the kernel's buffers fill, then the writer waits."""
+        self._reading = trio.Event()
+
+    def resume(self) -> None:
+        self._reading.set()
 
     @property
     def address(self) -> str:
@@ -67,6 +76,7 @@ class FakeCarbon:
         buffer = b""
         async with stream:
             while True:
+                await self._reading.wait()
                 try:
                     data = await stream.receive_some(65536)
                 except trio.BrokenResourceError:

@@ -63,7 +63,7 @@ class LineClient:
         return [line.decode() for line in answer]
 
 
-def admin_output(tmp_path, sink: FakeCarbon, **table: Any):
+def admin_output(tmp_path, sink: FakeCarbon, output_options: dict[str, Any] | None = None, **table: Any):
     """An output with both admin ports on free ports, bound at once as the plugin's start() does."""
     output = new_output(
         tmp_path,
@@ -75,6 +75,7 @@ def admin_output(tmp_path, sink: FakeCarbon, **table: Any):
             ],
             **table,
         },
+        **(output_options or {}),
     )
     output.bind_admin_ports()
     return output
@@ -156,6 +157,103 @@ async def test_http_route_changes_take_effect_for_the_next_points(tmp_path):
                 await send(pipeline, graphite_batch(["servers.renamed"]))
                 await main.wait_for(5)
                 assert main.paths[-1] == "hosts.renamed"
+            nursery.cancel_scope.cancel()
+
+
+async def test_http_aggregators_are_added_and_removed_live(tmp_path):
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            sink = FakeCarbon()
+            await sink.start(nursery)
+            output = admin_output(tmp_path, sink, output_options={"aggregation_tick": 0.01})
+            async with running_output(output) as pipeline:
+                port = output.admin_http_bound[1]
+                aggregator = {
+                    "function": "sum",
+                    "regex": "^web[0-9]\\.load$",
+                    "format": "all.load",
+                    "interval": "10s",
+                    "wait": "0s",
+                    "drop_raw": True,
+                }
+                status, body = await http(port, "POST", "/aggregators", aggregator)
+                assert status == 201, body
+                status, listed = await http(port, "GET", "/aggregators")
+                assert status == 200 and [(a["function"], a["format"]) for a in listed] == [
+                    ("sum", "all.load")
+                ]
+                # Values 0, 1, 2 at 1700000000, +1, +2: the two web loads are summed into one bucket.
+                await send(pipeline, graphite_batch(["web1.load", "web2.load", "other"]))
+                await sink.wait_for(2)
+                assert sorted(sink.points) == [
+                    ("all.load", 1.0, 1_700_000_000),
+                    ("other", 2.0, 1_700_000_002),
+                ]
+
+                status, body = await http(port, "DELETE", "/aggregators/0")
+                assert status == 200, body
+                await send(pipeline, graphite_batch(["web1.load"]))
+                await sink.wait_for(3)
+                assert sink.points[-1] == ("web1.load", 0.0, 1_700_000_000)  # routed raw again
+                status, listed = await http(port, "GET", "/aggregators")
+                assert status == 200 and listed == []
+            nursery.cancel_scope.cancel()
+
+
+async def test_live_changes_lose_no_points(tmp_path):
+    # A sender keeps sending while routes, destinations, the blocklist and the rewriters change: the
+    # destination that stays gets every point once, in order.
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            main, extra = FakeCarbon(), FakeCarbon()
+            await main.start(nursery)
+            await extra.start(nursery)
+            output = admin_output(tmp_path, main)
+            sent: list[str] = []
+            done = trio.Event()
+
+            async def sender(pipeline) -> None:
+                for n in range(200):
+                    paths = [f"live.b{n:03d}.p{i:02d}" for i in range(50)]
+                    await send(pipeline, graphite_batch(paths))
+                    sent.extend(paths)
+                    await trio.sleep(0.005)
+                done.set()
+
+            async with running_output(output) as pipeline:
+                port = output.admin_http_bound[1]
+                nursery.start_soon(sender, pipeline)
+                changes = [
+                    (
+                        "POST",
+                        "/routes",
+                        {"key": "copy", "type": "broadcast", "destinations": [extra.address]},
+                    ),
+                    (
+                        "PUT",
+                        "/routes/main",
+                        {
+                            "key": "main",
+                            "type": "send_all_match",
+                            "destinations": [fast_destination(main.address, queue_max_points=50_000)],
+                        },
+                    ),
+                    ("PUT", "/blocklist", ["prefix never."]),
+                    ("PUT", "/rewriters", [{"old": "never.", "new": "nothing."}]),
+                    ("POST", "/routes/main/destinations", fast_destination(extra.address)),
+                    ("DELETE", f"/routes/main/destinations/{extra.address}", None),
+                    ("DELETE", "/routes/copy", None),
+                ]
+                for method, path, body in changes:
+                    await trio.sleep(0.05)
+                    status, answer = await http(port, method, path, body)
+                    assert status in (200, 201), (method, path, answer)
+                assert not done.is_set()  # every change came while points were flowing
+                await done.wait()
+                await main.wait_for(len(sent))
+                await trio.sleep(0.1)  # nothing more (no duplicates) arrives
+            assert main.paths == sent
+            assert output.counters.points_in == len(sent) and output.counters.unroutable == 0
             nursery.cancel_scope.cancel()
 
 

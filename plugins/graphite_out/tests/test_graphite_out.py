@@ -1,4 +1,5 @@
-"""The graphite-out plugin as the agent starts it: config table -> start() -> pipeline, spool under data_dir."""
+"""The graphite-out plugin as the agent starts it: config table -> start() -> pipeline, spool under data_dir;
+and a whole agent built from configs/collector-to-carbon.toml, fed by a relay client."""
 
 from __future__ import annotations
 
@@ -9,17 +10,24 @@ from pathlib import Path
 import pytest
 import trio
 
-from agent.config import convert_section
-from agent.model import MetricRegistry
+from agent import config as config_module
+from agent.config import Overrides, convert_section
+from agent.manager import build_plugin_manager, collect_plugins
+from agent.model import MetricRegistry, Resource
 from agent.pipeline import Pipeline
 from agent.plugin import Element, StartContext
-from agent.testing import partial_run
+from agent.runtime import Agent
+from agent.testing import make_batch, make_series, output_element, partial_run
 from agent_plugins.graphite_out.output import GraphiteOutput
 from agent_plugins.graphite_out.plugin import GraphiteOutPlugin, agent_pipeline_started
 from agent_plugins.graphite_out.testing import FakeCarbon, graphite_batch, wait_until
 from agent_plugins.graphite_protocol.badlines import RecentBadLines
+from agent_plugins.relay_client.client import ClientSettings, RelayClient
+from agent_plugins.relay_client.store import DiskBuffer
 
 SAMPLE = Path(__file__).resolve().parent.parent / "sample.toml"
+COLLECTOR_TO_CARBON = Path(__file__).resolve().parents[3] / "configs" / "collector-to-carbon.toml"
+NS = 1_000_000_000
 
 
 def start_plugin(tmp_path: Path, table: dict) -> tuple[GraphiteOutPlugin, StartContext]:
@@ -99,3 +107,52 @@ def test_pipeline_started_hook_gives_the_output_graphite_in_bad_lines(tmp_path):
     elements = [Element("graphite-in", "graphite-in", "source", source), *ctx.elements]
     agent_pipeline_started(plugin_names=["graphite-in", "graphite-out"], elements=elements)
     assert ctx.elements[0].obj.bad_line_sources == [source.recent_bad_lines]
+
+
+async def test_a_collector_started_with_relay_in_feeds_carbon(tmp_path):
+    """configs/collector-to-carbon.toml run as `agent --config FILE --relay-in ADDRESS`: what a node's relay
+    client sends reaches carbon as plaintext, its path rendered from the template with the node's name."""
+    document = tomllib.loads(COLLECTOR_TO_CARBON.read_text())
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            carbon = FakeCarbon()
+            await carbon.start(nursery)
+            # Only what a test must change: free ports, the fake carbon, a data_dir of its own.
+            document["plugins"]["graphite-out"].update(admin_http="", admin_line="")
+            document["plugins"]["graphite-out"]["routes"][0]["destinations"] = [carbon.address]
+            document["agent"] = {"data_dir": str(tmp_path / "collector"), "self_metrics_interval": "0s"}
+            manager = build_plugin_manager()
+            plugins = collect_plugins(manager)
+            config = config_module.resolve(
+                document, plugins, path=COLLECTOR_TO_CARBON, overrides=Overrides(relay_in="127.0.0.1:0")
+            )
+            collector = Agent(config, plugins, manager)
+            collector.start_plugins()
+            assert sorted(collector.started) == ["graphite-out", "relay-server"]
+            await nursery.start(
+                lambda task_status: collector.run(handle_signals=False, task_status=task_status)
+            )
+            server = next(e.obj for e in collector.elements if e.plugin == "relay-server")
+
+            client = RelayClient(
+                ClientSettings("node-1", server.bound_addresses[0], buffer_timeout=0.01, initial_delay=0.01),
+                DiskBuffer(tmp_path / "node", 1 << 26),
+            )
+            node = Pipeline([output_element(client, "relay-client")])
+            await nursery.start(partial_run(node, 5.0))
+            t0 = 1_700_000_000
+            series = make_series(
+                "cpu_percent",
+                [12.5, 13.0],
+                timestamps=[t0 * NS, (t0 + 1) * NS],
+                resource=Resource("cpu_core", "0"),
+            )
+            await node.sink().send(make_batch(series))
+            await carbon.wait_for(2)
+            node.stop()
+            collector.stop()
+            nursery.cancel_scope.cancel()
+    assert carbon.points == [
+        ("agent.node-1.cpu_percent.cpu_core.0", 12.5, t0),
+        ("agent.node-1.cpu_percent.cpu_core.0", 13.0, t0 + 1),
+    ]

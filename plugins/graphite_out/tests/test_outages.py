@@ -77,6 +77,49 @@ async def test_a_stopped_destination_gets_every_point_in_order_while_the_other_k
             nursery.cancel_scope.cancel()
 
 
+async def test_a_slow_destination_never_slows_the_others(tmp_path):
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            slow, steady = FakeCarbon(), FakeCarbon()
+            await slow.start(nursery)
+            await steady.start(nursery)
+            output = new_output(
+                tmp_path,
+                {
+                    "routes": [
+                        {
+                            "key": "mirror",
+                            "type": "broadcast",
+                            "destinations": [
+                                fast_destination(slow.address, queue_max_points=10_000),
+                                fast_destination(steady.address),
+                            ],
+                        }
+                    ]
+                },
+            )
+            slow_destination, _ = output.state.route_destinations["mirror"]
+            size, batches = 5000, 60  # about 10 MB: more than the kernel buffers towards the slow one
+            async with running_output(output) as pipeline:
+                await send(pipeline, graphite_batch(numbered(0, size)))
+                await slow.wait_for(size)
+                slow.pause()
+                for n in range(1, batches):
+                    await send(pipeline, graphite_batch(numbered(n, size)))
+                    # The steady one gets each batch at once, whatever the slow one does.
+                    with trio.fail_after(2):
+                        await steady.wait_for(size * (n + 1))
+                # The slow one was held back meanwhile (it read one more chunk after pause(); the rest
+                # waits in the kernel's buffers, its queue and, once that is full, its spool).
+                assert len(slow.points) < 2 * size
+                slow.resume()
+                await slow.wait_for(size * batches)
+            assert steady.paths == sent_points(range(batches), size)
+            assert slow.paths == sent_points(range(batches), size)
+            assert slow_destination.drops.total == 0
+            nursery.cancel_scope.cancel()
+
+
 async def test_replay_is_paced_at_replay_rate(tmp_path):
     with trio.fail_after(20):
         async with trio.open_nursery() as nursery:
