@@ -300,6 +300,35 @@ async def test_udp_datagrams_are_complete_chunks() -> None:
     assert record.peer.startswith("127.0.0.1:") and record.line == "udp bad"
 
 
+def free_port_for_tcp_and_udp() -> int:
+    """A port number free for both TCP and UDP on 127.0.0.1 (free when this returns)."""
+    while True:
+        with socket.socket() as tcp, socket.socket(type=socket.SOCK_DGRAM) as udp:
+            tcp.bind(("127.0.0.1", 0))
+            try:
+                udp.bind(("127.0.0.1", tcp.getsockname()[1]))
+            except OSError:
+                continue
+            return tcp.getsockname()[1]
+
+
+async def test_plaintext_over_tcp_and_udp_on_the_same_port_number() -> None:
+    # The Contract: `udp` may use the same port as `plaintext` (2003 for both, as carbon does).
+    number = free_port_for_tcp_and_udp()
+    with trio.fail_after(10):
+        async with running_input(plaintext=f"127.0.0.1:{number}", udp=f"127.0.0.1:{number}", pickle="") as (
+            source,
+            output,
+        ):
+            assert port(source, "plaintext") == port(source, "udp") == number
+            await send_and_close(source, b"same.tcp 1 1700000000\n")
+            sock = trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            with sock:
+                await sock.sendto(b"same.udp 2 1700000000\n", ("127.0.0.1", number))
+            await output.wait_for_points(2)
+    assert sorted(n for n, *_ in points(output)) == ["same.tcp", "same.udp"]
+
+
 async def test_max_connections_refuses_the_extra_ones() -> None:
     with trio.fail_after(10):
         async with running_input(max_connections=2) as (source, output):

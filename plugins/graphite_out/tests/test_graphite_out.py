@@ -156,3 +156,57 @@ async def test_a_collector_started_with_relay_in_feeds_carbon(tmp_path):
         ("agent.node-1.cpu_percent.cpu_core.0", 12.5, t0),
         ("agent.node-1.cpu_percent.cpu_core.0", 13.0, t0 + 1),
     ]
+
+
+# The Contract of issue 5, verbatim: scripts outside the test suite rely on these names.
+CONTRACT = """
+[plugins.graphite-in]
+plaintext = "0.0.0.0:2003"     # TCP; "" switches it off
+udp = ""                       # same port numbers are fine for UDP
+pickle = "0.0.0.0:2004"
+validation = "medium"          # none | medium | strict
+
+[plugins.graphite-out]
+admin_http = "127.0.0.1:8081"
+admin_line = "127.0.0.1:2030"
+[[plugins.graphite-out.routes]]
+key = "carbon"
+type = "consistent_hashing"    # send_all_match | send_first_match | consistent_hashing | broadcast | hash_route
+hash = "carbon_ch"             # or fnv1a_ch
+replication_factor = 1
+prefix = ""                    # and not_prefix, substr, not_substr, regex, not_regex
+format = "plaintext"           # or pickle
+destinations = ["10.0.0.1:2003:a", "10.0.0.2:2003:b"]   # or tables with address, matchers and options
+"""
+
+
+def test_the_contract_enables_both_plugins_and_its_values_are_the_defaults():
+    manager = build_plugin_manager()
+    plugins = collect_plugins(manager)
+    config = config_module.resolve(tomllib.loads(CONTRACT), plugins, path=None)
+    graphite_in, graphite_out = config.plugins["graphite-in"], config.plugins["graphite-out"]
+    assert (graphite_in.plaintext, graphite_in.udp, graphite_in.pickle, graphite_in.validation) == (
+        "0.0.0.0:2003",
+        "",
+        "0.0.0.0:2004",
+        "medium",
+    )
+    assert (graphite_out.admin_http, graphite_out.admin_line) == ("127.0.0.1:8081", "127.0.0.1:2030")
+    (route,) = graphite_out.routes
+    assert (route.key, route.type, route.hash, route.replication_factor, route.format) == (
+        "carbon",
+        "consistent_hashing",
+        "carbon_ch",
+        1,
+        "plaintext",
+    )
+    assert [d.address for d in route.destination_configs] == ["10.0.0.1:2003:a", "10.0.0.2:2003:b"]
+    assert all(d.spool for d in route.destination_configs)  # spooling is on by default
+    # The same values are the defaults: empty tables mean the same thing.
+    bare = config_module.resolve(
+        {"plugins": {"graphite-in": {}, "graphite-out": {}}}, plugins, path=None
+    ).plugins
+    for name in ("plaintext", "udp", "pickle", "validation"):
+        assert getattr(bare["graphite-in"], name) == getattr(graphite_in, name)
+    for name in ("admin_http", "admin_line"):
+        assert getattr(bare["graphite-out"], name) == getattr(graphite_out, name)

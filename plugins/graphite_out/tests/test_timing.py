@@ -6,6 +6,7 @@ from __future__ import annotations
 import trio
 import trio.testing
 
+from agent.units import Size
 from agent_plugins.graphite_out.destination import Destination
 from agent_plugins.graphite_out.render import Chunk
 from agent_plugins.graphite_protocol.routing import DestinationConfig
@@ -259,4 +260,27 @@ async def test_a_spool_left_by_an_earlier_run_is_replayed_paced(tmp_path, autoju
             await trio.sleep(0.01)
         assert 3.5 <= network.lines[-1][0] - started <= 5.0  # 5000 points: 1000 at once, then 1000/s
         assert [line.split(b" ")[0] for _, line in network.lines] == [f"p.{i}".encode() for i in range(5000)]
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_full_spool_drops_its_oldest_points_and_counts_them(tmp_path, autojump_clock):
+    async with trio.open_nursery() as nursery:
+        network = Network(nursery)
+        dest = destination(tmp_path, Owner(), network, spool_max_size=Size(64 * 1024), replay_rate=100_000.0)
+        nursery.start_soon(dest.run)
+        while not dest.down:
+            await trio.sleep(0.001)
+        for n in range(20):  # about 400 KB of spool records while down
+            dest.offer(chunk(n * 1000, 1000))
+        assert dest.stats()["spool_bytes"] <= 64 * 1024
+        dropped = dest.drops.by_reason["spool_full"]
+        assert dropped > 0 and dropped % 1000 == 0 and dest.drops.total == dropped
+        network.up = True
+        while len(network.lines) < 20_000 - dropped:
+            await trio.sleep(0.01)
+        await trio.sleep(1)
+        # Nothing lost silently: what arrived is the newest points, in order, and the rest was counted.
+        assert [line.split(b" ")[0] for _, line in network.lines] == [
+            f"p.{i}".encode() for i in range(dropped, 20_000)
+        ]
         nursery.cancel_scope.cancel()

@@ -9,6 +9,10 @@ import statistics
 
 import msgspec
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from agent.units import Duration, decode_config_value
 from agent_plugins.graphite_protocol.aggregation import (
     AGGREGATE_FUNCTIONS,
     CARBON_METHODS,
@@ -19,10 +23,6 @@ from agent_plugins.graphite_protocol.aggregation import (
     input_pattern_regex,
     parse_aggregation_rules,
 )
-from hypothesis import given
-from hypothesis import strategies as st
-
-from agent.units import Duration, decode_config_value
 
 
 def aggregator(**fields) -> Aggregator:

@@ -13,6 +13,9 @@ import hashlib
 import random
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
 from agent_plugins.graphite_protocol.hashing import (
     ConsistentHashRing,
     DestinationAddress,
@@ -22,8 +25,6 @@ from agent_plugins.graphite_protocol.hashing import (
     parse_destination,
     replica_key,
 )
-from hypothesis import given
-from hypothesis import strategies as st
 
 # Reference model.
 

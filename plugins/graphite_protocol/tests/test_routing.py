@@ -9,6 +9,10 @@ from collections import Counter
 
 import msgspec
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from agent.units import Duration, Size, decode_config_value
 from agent_plugins.graphite_protocol.hashing import ConsistentHashRing
 from agent_plugins.graphite_protocol.routing import (
     Blocklist,
@@ -23,10 +27,6 @@ from agent_plugins.graphite_protocol.routing import (
     RoutingTable,
     build_route,
 )
-from hypothesis import given
-from hypothesis import strategies as st
-
-from agent.units import Duration, Size, decode_config_value
 
 PATHS = [
     "servers.web1.cpu.user",
@@ -408,6 +408,16 @@ def test_hash_route_fails_over_and_comes_back():
     for destination in range(3):
         route.mark_destination_up(destination)
     assert route.select(PATHS).per_destination == before
+
+
+def test_a_hash_route_of_one_destination_that_is_down_routes_nothing():
+    route = route_from(key="hr", type="hash_route", destinations=["a:2003"])
+    assert isinstance(route, HashRoute)
+    assert route.mark_destination_down(0)
+    nothing = route.select(PATHS)
+    assert nothing.per_destination == [[]] and nothing.unrouted == list(range(len(PATHS)))
+    route.mark_destination_up(0)
+    assert route.select(PATHS).per_destination == [list(range(len(PATHS)))]
 
 
 # The whole table.
