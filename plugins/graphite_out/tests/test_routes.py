@@ -12,6 +12,7 @@ from agent_plugins.graphite_out.testing import (
     FakeCarbon,
     fast_destination,
     graphite_batch,
+    graphite_series,
     new_output,
     running_output,
     send,
@@ -207,7 +208,7 @@ async def test_pickle_frames_hold_at_most_500_points():
     assert sizes == [500, 500, 201]
 
 
-async def test_single_name_series_get_their_path_from_the_template(tmp_path):
+async def test_agent_series_get_their_path_from_the_template_and_graphite_points_keep_theirs(tmp_path):
     with trio.fail_after(10):
         async with trio.open_nursery() as nursery:
             (sink,) = await start_sinks(nursery, 1)
@@ -243,15 +244,19 @@ async def test_single_name_series_get_their_path_from_the_template(tmp_path):
                         [ts, ts + NS],
                         [1, 2],
                     ),
+                    # Graphite points in the same batch keep their own paths.
+                    graphite_series(["graphite.born.a", "graphite.born.b"], start=1_700_000_200),
                 ]
             )
             async with running_output(output) as pipeline:
                 assert await send(pipeline, batch)
-                await sink.wait_for(3)
+                await sink.wait_for(5)
             assert sink.points == [
                 ("agents.prod.web_1.cpu_percent.cpu_core.3", 12.5, 1_700_000_123),
                 ("agents.prod.mem_used.local_machine", 1.0, 1_700_000_123),
                 ("agents.prod.mem_used.local_machine", 2.0, 1_700_000_124),
+                ("graphite.born.a", 0.0, 1_700_000_200),
+                ("graphite.born.b", 1.0, 1_700_000_201),
             ]
             nursery.cancel_scope.cancel()
 
