@@ -125,18 +125,45 @@ def convert_section(table: Any, struct_type: type, where: str) -> Any:
         if match:
             path = match.group(1)
             text = text[: match.start()]
-        path = re.sub(r"\[(\d+)\]", r"[\1]", path)
         unknown = _UNKNOWN_FIELD.match(text)
         if unknown:
             path = f"{path}.{unknown.group(1)}"
             text = "unknown key (check the spelling; `agent config regen` writes every known key)"
         else:
+            # A check in a config Struct's __post_init__ says "KEY: problem": KEY joins the path.
+            leading = _LEADING_KEY.match(text)
+            owner = _struct_at(struct_type, path) if leading else None
+            if leading and owner is not None and leading.group(1) in owner.__struct_fields__:
+                path = f"{path}.{leading.group(1)}"
+                text = leading.group(2)
             text = text.replace("`", "")
             text = text[:1].lower() + text[1:]
             choices = _literal_choices(struct_type, path)
             if choices:
                 text = f"{text}; expected one of: {', '.join(choices)}"
         raise ConfigError(f"{where}{path}", text) from None
+
+
+_LEADING_KEY = re.compile(r"^([a-z_][a-z0-9_]*): (.+)$", re.DOTALL)
+
+
+def _struct_at(struct_type: type, path: str) -> type | None:
+    """The config Struct that holds the value at `path` (".retry" -> the retry table's Struct)."""
+    import typing
+
+    current: Any = struct_type
+    for part in [p for p in re.split(r"\.|\[\d+\]", path) if p]:
+        try:
+            hint = typing.get_type_hints(current).get(part)
+        except Exception:
+            return None
+        candidates = [
+            a for a in (hint, *typing.get_args(hint)) if isinstance(a, type) and issubclass(a, msgspec.Struct)
+        ]
+        if not candidates:
+            return None
+        current = candidates[0]
+    return current
 
 
 def _literal_choices(struct_type: type, path: str) -> list[str]:
@@ -229,7 +256,7 @@ def resolve(
             config = convert_section(table, entry.cls.Config, f"plugins.{name}")
         except ConfigError as exc:
             # A bad value given on the command line is named as the user typed it.
-            if forced and (exc.where.endswith(f".{forced[1]}") or exc.problem.startswith(f"{forced[1]}:")):
+            if forced and exc.where.endswith(f".{forced[1]}"):
                 raise ConfigError(forced[0], exc.problem) from None
             raise
         if overrides.only_plugins is not None:

@@ -85,6 +85,8 @@ def format_duration(seconds: float) -> str:
     """The inverse of parse_duration, for generated configs: 0.5 -> "500ms", 90 -> "1m30s"."""
     if seconds == 0:
         return "0s"
+    if seconds < 0:
+        return "-" + format_duration(-seconds)
     if seconds < 1:
         ms = seconds * 1000
         return f"{ms:g}ms"

@@ -231,9 +231,9 @@ def test_bad_log_level(tmp_path: Path) -> None:
         ),
         (
             ["--relay-in", "0.0.0.0:99999", "--once"],
-            "config error: --relay-in: address: '0.0.0.0:99999': port",
+            "config error: --relay-in: '0.0.0.0:99999': port",
         ),
-        (["--relay-out", "[bad]:1", "--once"], "config error: --relay-out: relay_server: '[bad]:1'"),
+        (["--relay-out", "[bad]:1", "--once"], "config error: --relay-out: '[bad]:1'"),
     ],
 )
 def test_bad_command_line_values_exit_2_naming_the_flag(

@@ -208,11 +208,11 @@ def test_data_dir_is_relative_to_the_config_file() -> None:
 def test_a_bad_value_from_a_relay_flag_names_the_flag() -> None:
     with pytest.raises(ConfigError) as info:
         resolve({}, Overrides(relay_in="bad-address"))
-    assert str(info.value) == "--relay-in: address: expected HOST:PORT, got 'bad-address'"
+    assert str(info.value) == "--relay-in: expected HOST:PORT, got 'bad-address'"
     # The same value from the file names the table.
     with pytest.raises(ConfigError) as info:
         resolve({"plugins": {"relay-server": {"address": "bad-address"}}})
-    assert str(info.value) == "plugins.relay-server: address: expected HOST:PORT, got 'bad-address'"
+    assert str(info.value) == "plugins.relay-server.address: expected HOST:PORT, got 'bad-address'"
     # Another bad key of a table that a flag enables is still named by its table.
     with pytest.raises(ConfigError, match=r"^plugins\.relay-client\.buffer_timeout: expected a duration"):
         resolve({"plugins": {"relay-client": {"buffer_timeout": "soon"}}}, Overrides(relay_out="c:1"))
@@ -285,3 +285,29 @@ def test_enabled_plugins_come_in_the_order_of_their_tables() -> None:
     # Installed order: relay-client, relay-server, csv. Transforms run in config order.
     cfg = resolve({"plugins": {"csv": {}, "relay-server": {}}}, Overrides(relay_out="collector:1"))
     assert list(cfg.plugins) == ["csv", "relay-server", "relay-client"]
+
+
+class InnerChecked(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    max_delay: Duration = Duration(4.0)
+
+    def __post_init__(self) -> None:
+        if self.max_delay < 0.01:
+            raise ValueError(f"max_delay: must be at least 10ms, got {self.max_delay}")
+
+
+class Checked(PluginConfig, kw_only=True):
+    timeout: Duration = Duration(1.0)
+    retry: InnerChecked = msgspec.field(default_factory=InnerChecked)
+
+    def __post_init__(self) -> None:
+        if self.timeout < 0:
+            raise ValueError(f"timeout: must not be negative, got {self.timeout}")
+
+
+def test_checks_in_a_struct_name_their_key_in_the_path() -> None:
+    with pytest.raises(ConfigError) as info:
+        config_mod.convert_section({"timeout": -1}, Checked, "plugins.x")
+    assert str(info.value) == "plugins.x.timeout: must not be negative, got -1s"
+    with pytest.raises(ConfigError) as info:
+        config_mod.convert_section({"retry": {"max_delay": "1ms"}}, Checked, "plugins.x")
+    assert str(info.value) == "plugins.x.retry.max_delay: must be at least 10ms, got 1ms"
