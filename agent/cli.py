@@ -163,6 +163,8 @@ def run_agent(options: Options, *, once: bool = False, command: list[str] | None
         if command is not None:
             return trio.run(_run_exec, agent, command)
         trio.run(_run, agent, once)
+        if agent.forced_exit_code:
+            return agent.forced_exit_code
     except StartupError as exc:
         raise fail(str(exc), 1) from None
     except BaseExceptionGroup as group:

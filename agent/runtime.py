@@ -48,6 +48,8 @@ class Agent:
         self.started: dict[str, Plugin] = {}
         self.elements: list[Element] = []
         self.pipeline: Pipeline | None = None
+        #: Set when a second signal ended the agent without draining; 0 otherwise.
+        self.forced_exit_code = 0
 
     def start_plugins(self) -> Pipeline:
         """Calls `start` on every enabled plugin, in config order, and builds the pipeline."""
@@ -146,6 +148,8 @@ class Agent:
                     continue
                 else:
                     log.warning("second %s: exiting without waiting for the outputs", name)
+                    # Buffered points are given up: the exit code says so (128 + the signal, as a shell does).
+                    self.forced_exit_code = 128 + signum
                     scope.cancel()
                     return
 

@@ -231,6 +231,33 @@ def test_sigterm_with_an_output_that_never_finishes_exits_0_within_the_grace_per
     )
 
 
+
+def test_a_second_sigterm_exits_at_once_with_143(tmp_path: Path, site_with_plugins: Path) -> None:
+    (tmp_path / "agent.toml").write_text(
+        "[agent]\ngrace_period = '1h'\nself_metrics_interval = '0s'\n"
+        "[plugins.system]\npoll_interval = '100ms'\nflush_interval = '100ms'\n[plugins.stuck]\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(site_with_plugins)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "agent.cli"], cwd=tmp_path, env=env, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        time.sleep(2)
+        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(signal.SIGTERM)  # the same stop delivered twice: still waiting for the output
+        time.sleep(1.5)
+        assert proc.poll() is None
+        proc.send_signal(signal.SIGTERM)  # the operator insists
+        _, stderr = proc.communicate(timeout=20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    # Buffered points were given up: not a clean exit.
+    assert proc.returncode == 143, stderr
+    assert "second SIGTERM: exiting without waiting for the outputs" in stderr
+
+
 # -- the plugin manager in-process --
 
 
