@@ -33,11 +33,12 @@ limit: the stream is then out of step and the caller closes that connection.
 Speed: a chunk whose lines are all `path SP value SP timestamp` (the usual case) is checked with a few
 whole-chunk operations (one `bytes.translate` gives the "shape" of the chunk: which bytes are spaces and
 newlines, and whether any byte is not allowed), split once, and its columns decoded by msgspec from JSON
-arrays built with `bytes.join` (values as floats, timestamps as nanoseconds by appending nine zeros to the
-digits). A column that does not decode that way (a `-1` timestamp, a decimal timestamp, `nan`, a value with
-`_`...) falls back to a per-item parse of that column only; a chunk whose shape is not clean (tabs, extra
-spaces, empty lines, bad bytes, wrong field counts) is split line by line first. The results are the same
-either way; the tests check it.
+arrays built with `join` (values as floats, timestamps as nanoseconds by appending nine zeros to the
+digits). Without tags, the chunk is decoded to text and split as text, so that the paths come out as `str`
+at once; with tags, or when a value or timestamp does not decode that way, it is split as bytes. A column
+that does not decode in bulk (a decimal timestamp, `nan`, a value with `_`...) falls back to a per-item
+parse of that column only; a chunk whose shape is not clean (tabs, extra spaces, empty lines, bad bytes,
+wrong field counts) is split line by line first. The results are the same either way; the tests check it.
 """
 
 from __future__ import annotations
