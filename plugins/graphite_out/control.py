@@ -51,6 +51,8 @@ def decode_json(body: bytes, target: Any, what: str) -> Any:
         raise AdminError(400, f"{what}: {error}") from None
     except msgspec.DecodeError as error:
         raise AdminError(400, f"{what}: invalid JSON: {error}") from None
+    except UnicodeDecodeError as error:  # msgspec's error for invalid UTF-8 inside a string
+        raise AdminError(400, f"{what}: invalid JSON: a string is not valid UTF-8 ({error.reason})") from None
 
 
 class AdminActions:

@@ -560,8 +560,10 @@ def _decode_paths(fields: list[bytes], refused: dict[int, tuple[str, str]], json
     if json_safe:
         try:
             paths = _PATHS_DECODER.decode(b'["' + b'","'.join(fields) + b'"]')
-        except msgspec.DecodeError:
-            pass  # control bytes (allowed at level none) or invalid UTF-8
+        except (msgspec.DecodeError, UnicodeDecodeError):
+            # Control bytes or invalid UTF-8 (both possible at level none; msgspec raises
+            # UnicodeDecodeError for the latter): the per-field way finds and reports them.
+            pass
         else:
             if len(paths) == len(fields):
                 return paths

@@ -296,6 +296,7 @@ async def test_http_bad_requests_get_clear_errors_and_change_nothing(tmp_path):
                 cases = [
                     ("POST", "/routes", None, b"{not json", 400, "invalid JSON"),
                     ("POST", "/routes", None, b"", 400, "no JSON body"),
+                    ("POST", "/routes", None, b'{"key": "\xff"}', 400, "not valid UTF-8"),
                     (
                         "POST",
                         "/routes",

@@ -218,6 +218,15 @@ def test_level_none_keeps_paths_with_characters_that_str_split_treats_as_whitesp
     assert parse(data, validation="medium").bad_counts == {"bad_chars": 1}
 
 
+@pytest.mark.parametrize("path", [b"\x80", b"a\xffb", b"\xc3", b"\xed\xa0\x80"])
+def test_level_none_refuses_invalid_utf8_in_an_otherwise_clean_chunk(path):
+    # No control byte in the chunk to stop the bulk decoding first: the bad path must still be refused
+    # and counted, never raise.
+    result = parse(path + b" 1 1700000000\nok.path 2 1700000000\n", validation="none")
+    assert result.paths == ["ok.path"]
+    assert result.bad_counts == {"bad_chars": 1}
+
+
 def test_quotes_and_backslashes_in_paths():
     result = parse(b'a"b 1 1700000000\nc\\d 2 1700000000\n')
     assert result.paths == ['a"b', "c\\d"]
