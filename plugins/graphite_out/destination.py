@@ -567,7 +567,8 @@ class Destination:
     def _decode(self, payload: bytes) -> Chunk | None:
         try:
             return self.codec.decode(payload)
-        except (msgspec.DecodeError, msgspec.ValidationError) as error:
+        except (msgspec.DecodeError, UnicodeDecodeError) as error:
+            # Skipped rather than raised: the writer would restart on the same record for ever.
             log.error("%s: a spool record is not readable, skipped: %s", self.name, error)
             return None
 

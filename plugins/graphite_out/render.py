@@ -313,5 +313,6 @@ class ChunkCodec:
         return self._encoder.encode(chunk)
 
     def decode(self, payload: bytes) -> Chunk:
-        """Raises msgspec.DecodeError (or ValidationError) for a record that is not a chunk."""
+        """Raises msgspec.DecodeError (ValidationError is one) or UnicodeDecodeError (a path that is not
+        UTF-8) for a record that is not a chunk."""
         return self._decoder.decode(payload)

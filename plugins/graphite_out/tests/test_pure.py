@@ -13,10 +13,11 @@ from hypothesis import strategies as st
 from agent.config import ConfigError
 from agent.model import Consumer, Resource, Series
 from agent_plugins.graphite_out.config import parse_listen_address
-from agent_plugins.graphite_out.destination import DropCounter, ReplayPacer, spool_directory_name
+from agent_plugins.graphite_out.destination import Destination, DropCounter, ReplayPacer, spool_directory_name
 from agent_plugins.graphite_out.render import Chunk, ChunkCodec, PathTemplate, render_plaintext, take
 from agent_plugins.graphite_out.testing import make_config
 from agent_plugins.graphite_protocol.hashing import parse_destination
+from agent_plugins.graphite_protocol.routing import DestinationConfig
 
 
 def series(metric="cpu_percent", kind="cpu_core", rid="0", attributes=None, consumer=("local_machine", "")):
@@ -182,6 +183,19 @@ def test_spool_records_round_trip(points):
 def test_spool_record_that_is_not_a_chunk_is_an_error():
     with pytest.raises(msgspec.DecodeError):
         ChunkCodec().decode(b"\xc1garbage")
+    # [["\x80"], [1], [1.0]]: a path that is not UTF-8.
+    with pytest.raises(UnicodeDecodeError):
+        ChunkCodec().decode(b"\x93\x91\xa1\x80\x91\x01\x91\xcb" + bytes(8))
+
+
+def test_an_unreadable_spool_record_is_skipped_and_the_others_replayed(tmp_path):
+    destination = Destination(
+        "r", DestinationConfig(address="10.0.0.1:2003"), "plaintext", tmp_path, owner=None
+    )
+    assert destination._decode(b"\x93\x91\xa1\x80\x91\x01\x91\xcb" + bytes(8)) is None
+    assert destination._decode(b"\xc1garbage") is None
+    good = Chunk(["a.b"], [1], [2.0])
+    assert destination._decode(destination.codec.encode(good)) == good
 
 
 def test_spool_directory_names():
