@@ -3,7 +3,8 @@ hashing over 4 destinations) -> counting sinks, beside graphite's own carbon-rel
 
     python benchmarks/graphite.py [--lines 4000000] [--paths 100000] [--connections 32] [--agents 2]
                                   [--carbon-lines 200000] [--carbon-venv DIR] [--no-carbon]
-                                  [--read-size 256KiB] [--agent-prefix "py-spy record -o a.svg --"]
+                                  [--read-size 256KiB] [--graphite-out "queue_max_points = 10000"]
+                                  [--agent-prefix "py-spy record -o a.svg --"]
 
 Three kinds of processes share the machine, as in production: the sender (its own process: pre-built
 lines written as fast as the relay takes them, over `--connections` TCP connections), the relay, and
