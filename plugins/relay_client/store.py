@@ -204,7 +204,8 @@ def _read_stream_file(path: Path) -> StreamFile | None:
         return None
     try:
         saved = msgspec.msgpack.decode(data, type=StreamFile)
-    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+    except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError) as exc:
+        # msgspec 0.22 raises UnicodeDecodeError (not DecodeError) for a string that is not UTF-8.
         log.warning("relay-client: %s is damaged (%s); starting a new stream", path, exc)
         return None
     if saved.version != _FORMAT_VERSION or not saved.stream_id:
