@@ -43,7 +43,7 @@ import trio
 from agent_plugins.graphite_protocol.aggregation import AggregatorConfig
 from agent_plugins.graphite_protocol.routing import DestinationConfig, RewriterConfig, RouteConfig
 
-from .control import AdminActions, AdminError, decode_json
+from .control import AdminActions, AdminError, decode_json, serve_admin_connections
 
 log = logging.getLogger(__name__)
 
@@ -198,16 +198,7 @@ def _list_endpoint(actions: AdminActions, method: str, head: str, rest: list[str
 
 async def serve_admin_http(listener: trio.SocketListener, actions: AdminActions) -> None:
     """Serves the admin API until cancelled; one task per connection, at most MAX_CONNECTIONS."""
-    limit = trio.CapacityLimiter(MAX_CONNECTIONS)
-    async with listener, trio.open_nursery() as nursery:
-        while True:
-            try:
-                stream = await listener.accept()
-            except OSError as error:
-                log.warning("graphite-out admin HTTP: accept failed: %s", error)
-                await trio.sleep(0.1)
-                continue
-            nursery.start_soon(_serve_connection, stream, actions, limit)
+    await serve_admin_connections(listener, _serve_connection, actions, MAX_CONNECTIONS, "admin HTTP")
 
 
 async def _serve_connection(

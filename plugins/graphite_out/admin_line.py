@@ -27,7 +27,7 @@ import trio
 
 from agent_plugins.graphite_protocol.routing import Matcher, RouteConfig
 
-from .control import AdminActions, AdminError
+from .control import AdminActions, AdminError, serve_admin_connections
 
 log = logging.getLogger(__name__)
 
@@ -163,16 +163,7 @@ def _stats_lines(actions: AdminActions) -> str:
 
 async def serve_admin_line(listener: trio.SocketListener, actions: AdminActions) -> None:
     """Serves the line admin port until cancelled; one task per connection, at most MAX_CONNECTIONS."""
-    limit = trio.CapacityLimiter(MAX_CONNECTIONS)
-    async with listener, trio.open_nursery() as nursery:
-        while True:
-            try:
-                stream = await listener.accept()
-            except OSError as error:
-                log.warning("graphite-out admin line port: accept failed: %s", error)
-                await trio.sleep(0.1)
-                continue
-            nursery.start_soon(_serve_connection, stream, actions, limit)
+    await serve_admin_connections(listener, _serve_connection, actions, MAX_CONNECTIONS, "admin line port")
 
 
 async def _serve_connection(

@@ -9,15 +9,20 @@ Errors are `AdminError`s with an HTTP status and a one-line message that says wh
 from __future__ import annotations
 
 import datetime
+import logging
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import msgspec
+import trio
 
 from agent.units import decode_config_value, encode_config_value
 from agent_plugins.graphite_protocol.aggregation import AggregatorConfig
 from agent_plugins.graphite_protocol.routing import DestinationConfig, RewriterConfig, RouteConfig
 
 from .output import GraphiteOutput, LiveSettings
+
+log = logging.getLogger(__name__)
 
 
 class AdminError(Exception):
@@ -262,3 +267,24 @@ def _iso(timestamp: float | None) -> str:
     if timestamp is None:
         return ""
     return datetime.datetime.fromtimestamp(timestamp, datetime.UTC).isoformat()
+
+
+async def serve_admin_connections(
+    listener: trio.SocketListener,
+    handle: Callable[[trio.SocketStream, AdminActions, trio.CapacityLimiter], Awaitable[None]],
+    actions: AdminActions,
+    max_connections: int,
+    what: str,
+) -> None:
+    """The accept loop of both admin ports: one task per connection, a connection limit the handler
+    enforces, and accept errors (out of file descriptors) logged and retried, never fatal."""
+    limit = trio.CapacityLimiter(max_connections)
+    async with listener, trio.open_nursery() as nursery:
+        while True:
+            try:
+                stream = await listener.accept()
+            except OSError as error:
+                log.warning("graphite-out %s: accept failed: %s", what, error)
+                await trio.sleep(0.1)
+                continue
+            nursery.start_soon(handle, stream, actions, limit)
