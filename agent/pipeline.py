@@ -154,17 +154,7 @@ class OutputInbox:
             with trio.move_on_after(wait):
                 while not self._closed and self._queued_points < max_points:
                     await self._wait_change()
-        taken: list[Envelope] = []
-        points = 0
-        while self._queue and (not taken or points + self._queue[0].points <= max_points):
-            env = self._queue.popleft()
-            self._queued_points -= env.points
-            points += env.points
-            self._taken[id(env)] = env
-            self._taken_points += env.points
-            taken.append(env)
-        self._notify()
-        return taken
+        return self.receive_nowait(max_points)
 
     def receive_nowait(self, max_points: int = 100_000) -> list[Envelope]:
         """What `receive_batch` would return now, without waiting ([] if nothing is queued)."""

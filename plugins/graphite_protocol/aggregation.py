@@ -27,7 +27,7 @@ import logging
 import math
 import re
 from collections.abc import Sequence
-from typing import Literal
+from typing import Literal, get_args
 
 import msgspec
 
@@ -66,18 +66,7 @@ PERCENTILES: dict[str, float] = {
     "p99": 0.99,
     "p999": 0.999,
 }
-AGGREGATE_FUNCTIONS: tuple[str, ...] = (
-    "sum",
-    "avg",
-    "min",
-    "max",
-    "count",
-    "last",
-    "delta",
-    "derive",
-    "stdev",
-    *PERCENTILES,
-)
+AGGREGATE_FUNCTIONS: tuple[str, ...] = get_args(AggregateFunction)
 #: The methods carbon's aggregation-rules.conf accepts.
 CARBON_METHODS: tuple[str, ...] = (
     "sum",
