@@ -16,6 +16,7 @@ from typing import Any
 import msgspec
 import trio
 
+from agent.decoding import MalformedData, decode_untrusted
 from agent.units import decode_config_value, encode_config_value
 from agent_plugins.graphite_protocol.aggregation import AggregatorConfig
 from agent_plugins.graphite_protocol.routing import DestinationConfig, RewriterConfig, RouteConfig
@@ -51,13 +52,9 @@ def decode_json(body: bytes, target: Any, what: str) -> Any:
     if not body.strip():
         raise AdminError(400, f"{what}: the request has no JSON body")
     try:
-        return msgspec.json.decode(body, type=target, dec_hook=decode_config_value)
-    except msgspec.ValidationError as error:
-        raise AdminError(400, f"{what}: {error}") from None
-    except msgspec.DecodeError as error:
-        raise AdminError(400, f"{what}: invalid JSON: {error}") from None
-    except UnicodeDecodeError as error:  # msgspec's error for invalid UTF-8 inside a string
-        raise AdminError(400, f"{what}: invalid JSON: a string is not valid UTF-8 ({error.reason})") from None
+        return decode_untrusted(msgspec.json.Decoder(target, dec_hook=decode_config_value), body)
+    except MalformedData as error:
+        raise AdminError(400, f"{what}: {'' if error.validation else 'invalid JSON: '}{error}") from None
 
 
 class AdminActions:

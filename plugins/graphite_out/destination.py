@@ -53,10 +53,10 @@ from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
-import msgspec
 import trio
 
 from agent.backoff import Backoff
+from agent.decoding import MalformedData
 from agent.durable_log import DurableLog
 from agent_plugins.graphite_protocol.hashing import DestinationAddress
 from agent_plugins.graphite_protocol.pickle_codec import PickleCodecError
@@ -567,7 +567,7 @@ class Destination:
     def _decode(self, payload: bytes) -> Chunk | None:
         try:
             return self.codec.decode(payload)
-        except (msgspec.DecodeError, UnicodeDecodeError) as error:
+        except MalformedData as error:
             # Skipped rather than raised: the writer would restart on the same record for ever.
             log.error("%s: a spool record is not readable, skipped: %s", self.name, error)
             return None

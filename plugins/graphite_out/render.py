@@ -33,6 +33,7 @@ from typing import Literal
 
 import msgspec
 
+from agent.decoding import decode_untrusted
 from agent.model import Series
 from agent_plugins.graphite_protocol.pickle_codec import CARBON_POINTS_PER_FRAME, encode_frames
 
@@ -313,6 +314,5 @@ class ChunkCodec:
         return self._encoder.encode(chunk)
 
     def decode(self, payload: bytes) -> Chunk:
-        """Raises msgspec.DecodeError (ValidationError is one) or UnicodeDecodeError (a path that is not
-        UTF-8) for a record that is not a chunk."""
-        return self._decoder.decode(payload)
+        """Raises `MalformedData` for a record that is not a chunk."""
+        return decode_untrusted(self._decoder, payload)

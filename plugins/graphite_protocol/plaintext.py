@@ -51,6 +51,8 @@ from typing import Annotated, Literal
 
 import msgspec
 
+from agent.decoding import DECODE_ERRORS
+
 from .tags import TagError, TaggedName, parse_tagged_path
 
 ValidationLevel = Literal["none", "medium", "strict"]
@@ -560,9 +562,9 @@ def _decode_paths(fields: list[bytes], refused: dict[int, tuple[str, str]], json
     if json_safe:
         try:
             paths = _PATHS_DECODER.decode(b'["' + b'","'.join(fields) + b'"]')
-        except (msgspec.DecodeError, UnicodeDecodeError):
-            # Control bytes or invalid UTF-8 (both possible at level none; msgspec raises
-            # UnicodeDecodeError for the latter): the per-field way finds and reports them.
+        except DECODE_ERRORS:
+            # Control bytes or invalid UTF-8 (both possible at level none; which exception msgspec
+            # raises for the latter depends on its release): the per-field way finds and reports them.
             pass
         else:
             if len(paths) == len(fields):

@@ -28,6 +28,7 @@ from typing import ClassVar
 
 import msgspec
 
+from agent.decoding import MalformedData, decode_untrusted
 from agent.durable_log import DurableLog, FsyncPolicy, MemoryLog, RecordLog
 from agent.model import MetricDef, MetricRegistry, Series
 
@@ -48,6 +49,9 @@ class StreamFile(msgspec.Struct, array_like=True):
     version: int
     stream_id: str
     metrics: list[MetricDef]
+
+
+_STREAM_FILE_DECODER = msgspec.msgpack.Decoder(StreamFile)
 
 
 def new_stream_id() -> str:
@@ -203,9 +207,8 @@ def _read_stream_file(path: Path) -> StreamFile | None:
     except FileNotFoundError:
         return None
     try:
-        saved = msgspec.msgpack.decode(data, type=StreamFile)
-    except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError) as exc:
-        # msgspec 0.22 raises UnicodeDecodeError (not DecodeError) for a string that is not UTF-8.
+        saved = decode_untrusted(_STREAM_FILE_DECODER, data)
+    except MalformedData as exc:
         log.warning("relay-client: %s is damaged (%s); starting a new stream", path, exc)
         return None
     if saved.version != _FORMAT_VERSION or not saved.stream_id:

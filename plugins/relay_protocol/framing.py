@@ -17,6 +17,8 @@ from typing import Any, Generic, TypeVar
 
 import msgspec
 
+from agent.decoding import MalformedData, decode_untrusted
+
 from .messages import Message, PreEncodedBatch, ProtocolError, WireSeries
 
 #: 16 MiB: a batch of about 800 000 points. A client splits larger batches.
@@ -138,10 +140,8 @@ class FrameDecoder(Generic[M]):
             # The views must be released before the buffer is resized, hence the with block.
             with memoryview(buffer) as whole, whole[HEADER_SIZE:end] as body:
                 try:
-                    message = self._decoder.decode(body)
-                except (msgspec.DecodeError, ValueError, RecursionError) as error:
-                    # Besides DecodeError, msgspec raises UnicodeDecodeError (a ValueError) for a
-                    # string that is not UTF-8; deep nesting could end in RecursionError.
+                    message = decode_untrusted(self._decoder, body)
+                except MalformedData as error:
                     described = self._describe(error, body)
                 else:
                     described = None
@@ -151,10 +151,12 @@ class FrameDecoder(Generic[M]):
                 raise described
             yield message
 
-    def _describe(self, error: Exception, body: memoryview) -> ProtocolError:
+    def _describe(self, malformed: MalformedData, body: memoryview) -> ProtocolError:
         """A one-line error naming the message type (when the tag is readable) and the bad field."""
-        if not isinstance(error, msgspec.ValidationError):
-            return MalformedMessageError(f"undecodable frame body ({len(body)} bytes): {_one_line(error)}")
+        if not malformed.validation:
+            return MalformedMessageError(f"undecodable frame body ({len(body)} bytes): {malformed}")
+        error = malformed.__cause__
+        assert isinstance(error, msgspec.ValidationError)
         if str(error).endswith(" - at `$[0]`"):
             # Only the tag is at index 0: msgspec found no message type with this tag.
             unknown = _UNKNOWN_TAG.match(str(error))

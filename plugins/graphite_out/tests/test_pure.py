@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import logging
 
-import msgspec
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from agent.config import ConfigError
+from agent.decoding import MalformedData
 from agent.model import Consumer, Resource, Series
 from agent_plugins.graphite_out.config import parse_listen_address
 from agent_plugins.graphite_out.destination import Destination, DropCounter, ReplayPacer, spool_directory_name
@@ -181,10 +181,10 @@ def test_spool_records_round_trip(points):
 
 
 def test_spool_record_that_is_not_a_chunk_is_an_error():
-    with pytest.raises(msgspec.DecodeError):
+    with pytest.raises(MalformedData):
         ChunkCodec().decode(b"\xc1garbage")
     # [["\x80"], [1], [1.0]]: a path that is not UTF-8.
-    with pytest.raises(UnicodeDecodeError):
+    with pytest.raises(MalformedData, match="^a string is not valid UTF-8$"):
         ChunkCodec().decode(b"\x93\x91\xa1\x80\x91\x01\x91\xcb" + bytes(8))
 
 

@@ -241,9 +241,7 @@ def test_lengths_inside_a_small_frame_cannot_cause_a_big_allocation(body):
 
 
 def test_a_string_that_is_not_utf8_is_a_malformed_message():
-    """Found by the fuzz test: msgspec raises UnicodeDecodeError here, not DecodeError."""
+    """Found by the fuzz test; msgspec 0.22 and 0.23 raise different exceptions here, the user sees one."""
     with pytest.raises(MalformedMessageError) as caught:
         list(FrameDecoder(ClientMessage).feed(b"\x00\x00\x00\x04\x91\xa2\xe8b"))
-    assert str(caught.value).startswith(
-        "undecodable frame body (4 bytes): 'utf-8' codec can't decode byte 0xe8"
-    )
+    assert str(caught.value) == "undecodable frame body (4 bytes): a string is not valid UTF-8"
