@@ -23,8 +23,8 @@ import trio
 from agent.model import Batch, Consumer, Resource, Series
 from agent.pipeline import Pipeline
 from agent.testing import output_element, partial_run
-from agent_plugins.graphite_out.output import GraphiteOutput
-from agent_plugins.graphite_out.testing import make_config
+from agent_plugins.graphite.graphite_out.output import GraphiteOutput
+from agent_plugins.graphite.graphite_out.testing import make_config
 
 NS = 1_000_000_000
 

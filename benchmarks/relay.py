@@ -34,7 +34,7 @@ from agent import config as config_mod
 from agent.manager import build_plugin_manager, collect_plugins
 from agent.model import Batch
 from agent.runtime import Agent
-from agent_plugins.relay_protocol import (
+from agent_plugins.relay.protocol import (
     ClientMessage,
     FrameDecoder,
     FrameEncoder,

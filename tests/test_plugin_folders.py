@@ -38,10 +38,12 @@ class PluginFolder:
 
 
 def builtin_folders() -> list[PluginFolder]:
-    return [
-        PluginFolder(path.parent, f"agent_plugins.{path.parent.name}.plugin", path.parent / "tests")
-        for path in sorted((ROOT / "plugins").glob("*/plugin.py"))
-    ]
+    """plugins/NAME/plugin.py, and plugins/FAMILY/NAME/plugin.py for the plugins of a family."""
+    found = []
+    for path in sorted((ROOT / "plugins").glob("*/plugin.py")) + sorted((ROOT / "plugins").glob("*/*/plugin.py")):
+        package = ".".join(path.parent.relative_to(ROOT / "plugins").parts)
+        found.append(PluginFolder(path.parent, f"agent_plugins.{package}.plugin", path.parent / "tests"))
+    return found
 
 
 def contrib_folders() -> list[PluginFolder]:

@@ -37,9 +37,9 @@ from agent.testing import (
     partial_run,
     source_element,
 )
-from agent_plugins.relay_client.client import ClientSettings, RelayClient
-from agent_plugins.relay_client.store import DiskBuffer
-from agent_plugins.relay_server.server import RelayServer, ServerSettings
+from agent_plugins.relay.relay_client.client import ClientSettings, RelayClient
+from agent_plugins.relay.relay_client.store import DiskBuffer
+from agent_plugins.relay.relay_server.server import RelayServer, ServerSettings
 
 # -- in process --
 

@@ -1,0 +1,1 @@
+"""The graphite family: its protocol package and the plugins built on it."""

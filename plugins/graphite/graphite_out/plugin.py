@@ -1,0 +1,65 @@
+"""The `graphite-out` plugin: registers the output and connects it to graphite-in's recent bad lines.
+
+The work is done by `output.GraphiteOutput` (routing and destinations) and the admin ports; this module
+is what the agent loads: the plugin class and its two hooks.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from agent import Plugin, StartContext, hookimpl
+from agent_plugins.graphite.protocol.badlines import find_recent_bad_lines
+
+from .config import GraphiteOutConfig
+from .output import GraphiteOutput
+
+log = logging.getLogger(__name__)
+
+
+class GraphiteOutPlugin(Plugin):
+    name = "graphite-out"
+    version = "0.1.0"
+    description = "Graphite relay output: routes, consistent hashing, disk spools, aggregators, admin API."
+    Config = GraphiteOutConfig
+    enabled_by_default = False
+    provides = ("output",)
+
+    def __init__(self) -> None:
+        self.outputs: list[GraphiteOutput] = []
+
+    def start(self, ctx: StartContext, config: GraphiteOutConfig) -> None:
+        agent_config = ctx.agent_config
+        config_path = getattr(agent_config, "path", None)
+        agent_section = getattr(agent_config, "agent", None)
+        grace_period = float(getattr(agent_section, "grace_period", 10.0))
+        output = GraphiteOutput(
+            config,
+            spool_dir=ctx.plugin_data_dir() / "spool",
+            config_dir=config_path.parent if config_path is not None else None,
+            grace_period=grace_period,
+        )
+        # Bound now, so that a port in use is a startup error naming the port, not a crash loop later.
+        output.bind_admin_ports()
+        self.outputs.append(output)
+        ctx.add_output(output, config)
+
+    def stop(self) -> None:
+        for output in self.outputs:
+            output.close_admin_ports()
+
+
+@hookimpl
+def agent_plugins() -> list[type[Plugin]]:
+    return [GraphiteOutPlugin]
+
+
+@hookimpl
+def agent_pipeline_started(plugin_names: list[str], elements: list[Any]) -> None:
+    """Gives every graphite-out output the recent-bad-lines registries of the pipeline's sources."""
+    outputs = [element.obj for element in elements if isinstance(element.obj, GraphiteOutput)]
+    if outputs:
+        registries = find_recent_bad_lines(elements)
+        for output in outputs:
+            output.bad_line_sources = registries

@@ -1,0 +1,1 @@
+"""The relay family: its protocol package and the plugins built on it."""
