@@ -1,7 +1,8 @@
 """Durable log benchmark: agent.durable_log against SQLite in WAL mode, the same workload in the same run.
 
     python benchmarks/durable_log.py [--quick] [--sizes 1024,65536] [--policies interval,always]
-                                     [--mib 32] [--rounds 3] [--segment-mib 64] [--dir DIR]
+                                     [--mib 32] [--rounds 3] [--segment-mib 64] [--sqlite-page-size N]
+                                     [--dir DIR]
 
 Why: `agent/durable_log.py` is a storage engine of its own (segment files, checksums, a persisted
 consumer position, recovery, a size cap). The obvious alternative is a table in SQLite. This measures
@@ -33,8 +34,9 @@ deleted), a replay as `SELECT ... WHERE seq > N ORDER BY seq LIMIT 64`. Durabili
 
 Figures: appends/s and MB/s (time in append calls), ack cost (µs per acknowledgement), MB/s of the
 whole writing side (appends, acks and the close, whose final sync the log's "interval" policy defers),
-close and reopen times, replay records/s and MB/s (reads and commits), bytes on disk (allocated blocks) at the end of the outage
-(store open) and once everything is replayed and acknowledged (store closed). Each figure is the
+close and reopen times, replay records/s and MB/s (reads and commits), bytes on disk (allocated
+blocks) at the end of the outage (store open) and once everything is replayed and acknowledged (store
+closed). Each figure is the
 median of `--rounds` runs, in which the stores take turns to go first; it is printed for both stores
 with the ratio log/SQLite (above 1: the log is faster for rates, costs more for times and sizes).
 Last line: JSON.
