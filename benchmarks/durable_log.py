@@ -20,8 +20,8 @@ The workload, per record size and durability setting, the same for both stores:
 4. replay: the tail is read in order, 64 records or 4 MiB per read (graphite-out's spool reads), each
    read committed at once, until nothing is left; the replayed records are checked byte for byte.
 
-The durable log runs as the relay client opens it (`SEGMENT_BYTES` of relay_client.store, a 1 GiB cap,
-the fsync policy under test); SQLite as a table (seq INTEGER PRIMARY KEY, payload BLOB) in WAL mode,
+The durable log runs as the relay client opens it (`SEGMENT_BYTES` of relay.relay_client.store, a
+1 GiB cap, the fsync policy under test); SQLite as a table (seq INTEGER PRIMARY KEY, payload BLOB) in WAL mode,
 one transaction per append, an acknowledgement as `DELETE WHERE seq <= N` plus the position in a one-row
 table in the same transaction (the log's state file: without it, numbering restarts once every row is
 deleted), a replay as `SELECT ... WHERE seq > N ORDER BY seq LIMIT 64`. Durability pairs:
@@ -57,8 +57,8 @@ from pathlib import Path
 
 from agent.durable_log import DurableLog
 from agent.model import Batch, Consumer, Resource, Series
-from agent_plugins.relay_client.store import SEGMENT_BYTES
-from agent_plugins.relay_protocol import FrameEncoder, batch_to_wire
+from agent_plugins.relay.protocol import FrameEncoder, batch_to_wire
+from agent_plugins.relay.relay_client.store import SEGMENT_BYTES
 
 #: The relay client's default disk_buffer_max_size: large enough that the cap never drops anything here.
 MAX_BYTES = 1 << 30
