@@ -13,10 +13,14 @@ Rules (the contract that scripts rely on):
 
 from __future__ import annotations
 
+import collections.abc
+import enum
 import logging
 import os
 import re
 import tomllib
+import types
+import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -110,81 +114,195 @@ def substitute_env(value: Any, env: Mapping[str, str], where: str = "") -> Any:
     return value
 
 
-_MSGSPEC_PATH = re.compile(r" - at `\$(.*)`$")
-_UNKNOWN_FIELD = re.compile(r"^Object contains unknown field `([^`]*)`$")
+UNKNOWN_KEY = "unknown key (check the spelling; `agent config regen` writes every known key)"
+MISSING_KEY = "required key is missing"
 
 
 def convert_section(table: Any, struct_type: type, where: str) -> Any:
-    """Converts a TOML table to a config Struct; errors name the full path of the bad value."""
+    """Converts a TOML table to a config Struct; errors name the full path of the bad value.
+
+    msgspec does the conversion. When it fails, `find_problem` walks the table against the Struct's
+    fields to find the bad value itself, so the path in the error never depends on the wording of
+    msgspec's messages (which changes between releases); msgspec's text only describes the problem.
+    """
     try:
         return msgspec.convert(table, struct_type, dec_hook=decode_config_value, str_keys=True)
-    except msgspec.ValidationError as exc:
-        text = str(exc)
-        path = ""
-        match = _MSGSPEC_PATH.search(text)
-        if match:
-            path = match.group(1)
-            text = text[: match.start()]
-        unknown = _UNKNOWN_FIELD.match(text)
-        if unknown:
-            path = f"{path}.{unknown.group(1)}"
-            text = "unknown key (check the spelling; `agent config regen` writes every known key)"
+    except msgspec.ValidationError as error:
+        path, problem = find_problem(table, struct_type) or ("", describe_problem(error, struct_type))
+        raise ConfigError(f"{where}{path}", problem) from None
+
+
+def find_problem(value: Any, value_type: Any, path: str = "") -> tuple[str, str] | None:
+    """The first value under `value` that does not convert to `value_type`, as (path, problem).
+
+    The path is `.key`, `[index]` and `.key` again (`.routes[0].destinations[1].address`), relative to
+    `value`; None when the whole value converts. A value that does not convert is looked for in its
+    parts first (keys of a table in the order they were written, then items of a list); only when
+    every part converts on its own is the value itself at fault: a check in a Struct's
+    `__post_init__`, a length constraint, or a value of the wrong kind altogether.
+    """
+    error = _conversion_error(value, value_type)
+    if error is None:
+        return None
+    inner = _without_annotations(value_type)
+    found = _problem_inside(value, inner, path)
+    if found is not None:
+        return found
+    problem = describe_problem(error, inner)
+    if _is_struct(inner):
+        # A check in a config Struct's __post_init__ says "KEY: problem": KEY joins the path.
+        key, separator, rest = problem.partition(": ")
+        encode_names = {f.name: f.encode_name for f in msgspec.structs.fields(inner)}
+        encode_names.update((name, name) for name in list(encode_names.values()))
+        if separator and rest and key in encode_names:
+            return _key_path(path, encode_names[key]), rest
+    return path, problem
+
+
+def describe_problem(error: msgspec.ValidationError, value_type: Any) -> str:
+    """One line saying what is wrong with a value that failed to convert to `value_type`.
+
+    The text of a config check (a `dec_hook` or a Struct's `__post_init__` that raised ValueError)
+    is used as written; otherwise msgspec's own description, without the location it may append.
+    """
+    cause = error.__cause__
+    if isinstance(cause, ValueError | TypeError) and not isinstance(cause, msgspec.MsgspecError):
+        text = str(cause)
+    else:
+        text = str(error)
+        # msgspec appends " - at `$.path`" to nested errors; the path is ours, so drop it when present.
+        head, at, tail = text.rpartition(" - at `$")
+        if at and tail.endswith("`"):
+            text = head
+        text = text.replace("`", "")
+        text = text[:1].lower() + text[1:]
+    text = " ".join(line.strip() for line in text.splitlines() if line.strip()) or "invalid value"
+    choices = _choices(_without_annotations(value_type))
+    if choices:
+        text = f"{text}; expected one of: {', '.join(choices)}"
+    return text
+
+
+def _conversion_error(value: Any, value_type: Any) -> msgspec.ValidationError | None:
+    try:
+        msgspec.convert(value, value_type, dec_hook=decode_config_value, str_keys=True)
+    except msgspec.ValidationError as error:
+        return error
+    return None
+
+
+def _problem_inside(value: Any, value_type: Any, path: str) -> tuple[str, str] | None:
+    """The first part of `value` (a table's key, a list's item) that does not convert, if any."""
+    if _is_struct(value_type):
+        if isinstance(value, dict) and not value_type.__struct_config__.array_like:
+            return _problem_in_table(value, value_type, path)
+        return None
+    origin, args = typing.get_origin(value_type), typing.get_args(value_type)
+    if origin is typing.Union or origin is types.UnionType:
+        member = _union_member_for(value, args)
+        return None if member is None else find_problem(value, member, path)
+    if origin in _SEQUENCE_TYPES and isinstance(value, list | tuple):
+        if origin is tuple and not (len(args) == 2 and args[1] is Ellipsis):
+            if len(args) != len(value):
+                return None  # a wrong length is the tuple's own problem
+            item_types = list(args)
         else:
-            # A check in a config Struct's __post_init__ says "KEY: problem": KEY joins the path.
-            leading = _LEADING_KEY.match(text)
-            owner = _struct_at(struct_type, path) if leading else None
-            if leading and owner is not None and leading.group(1) in owner.__struct_fields__:
-                path = f"{path}.{leading.group(1)}"
-                text = leading.group(2)
-            text = text.replace("`", "")
-            text = text[:1].lower() + text[1:]
-            choices = _literal_choices(struct_type, path)
-            if choices:
-                text = f"{text}; expected one of: {', '.join(choices)}"
-        raise ConfigError(f"{where}{path}", text) from None
+            item_types = [args[0] if args else Any] * len(value)
+        for index, (item, item_type) in enumerate(zip(value, item_types, strict=True)):
+            found = find_problem(item, item_type, f"{path}[{index}]")
+            if found is not None:
+                return found
+        return None
+    if origin in _MAPPING_TYPES and isinstance(value, dict):
+        key_type, item_type = args if len(args) == 2 else (Any, Any)
+        for key, item in value.items():
+            key_error = _conversion_error({key: None}, dict[key_type, Any])  # type: ignore[valid-type]
+            if key_error is not None:
+                return _key_path(path, key), f"invalid key: {describe_problem(key_error, key_type)}"
+            found = find_problem(item, item_type, _key_path(path, key))
+            if found is not None:
+                return found
+    return None
 
 
-_LEADING_KEY = re.compile(r"^([a-z_][a-z0-9_]*): (.+)$", re.DOTALL)
+def _problem_in_table(table: dict[Any, Any], struct_type: Any, path: str) -> tuple[str, str] | None:
+    """Checks a table's keys against a Struct's fields (by the names written in the file, so that
+    `rename` is respected), in the order they were written, then the required keys it lacks."""
+    config = struct_type.__struct_config__
+    fields = {f.encode_name: f for f in msgspec.structs.fields(struct_type)}
+    for key, item in table.items():
+        field_info = fields.get(key)
+        if field_info is None:
+            if key == config.tag_field or not config.forbid_unknown_fields:
+                continue
+            return _key_path(path, key), UNKNOWN_KEY
+        found = find_problem(item, field_info.type, _key_path(path, key))
+        if found is not None:
+            return found
+    for name, field_info in fields.items():
+        if field_info.required and name not in table:
+            return _key_path(path, name), MISSING_KEY
+    return None
 
 
-def _struct_at(struct_type: type, path: str) -> type | None:
-    """The config Struct that holds the value at `path` (".retry" -> the retry table's Struct)."""
-    import typing
-
-    current: Any = struct_type
-    for part in [p for p in re.split(r"\.|\[\d+\]", path) if p]:
-        try:
-            hint = typing.get_type_hints(current).get(part)
-        except Exception:
-            return None
+def _union_member_for(value: Any, members: tuple[Any, ...]) -> Any:
+    """The member of a union that a table or a list can only be meant for (None for scalars, or when
+    several members could take it): its parts are then checked against that member."""
+    if isinstance(value, dict):
         candidates = [
-            a for a in (hint, *typing.get_args(hint)) if isinstance(a, type) and issubclass(a, msgspec.Struct)
+            m
+            for m in members
+            if (_is_struct(inner := _without_annotations(m)) and not inner.__struct_config__.array_like)
+            or typing.get_origin(inner) in _MAPPING_TYPES
+            or inner is dict
         ]
-        if not candidates:
-            return None
-        current = candidates[0]
-    return current
+        tagged = [m for m in candidates if _is_struct(m) and m.__struct_config__.tag is not None]
+        if len(candidates) > 1 and len(tagged) == len(candidates):
+            tag_field = tagged[0].__struct_config__.tag_field
+            candidates = [m for m in tagged if m.__struct_config__.tag == value.get(tag_field)]
+    elif isinstance(value, list):
+        candidates = [m for m in members if typing.get_origin(_without_annotations(m)) in _SEQUENCE_TYPES]
+    else:
+        return None
+    return candidates[0] if len(candidates) == 1 else None
 
 
-def _literal_choices(struct_type: type, path: str) -> list[str]:
-    """The allowed values of the Literal field at `path` (".a.b"), for a friendlier error."""
-    import typing
+_SEQUENCE_TYPES = (
+    list,
+    tuple,
+    set,
+    frozenset,
+    collections.abc.Sequence,
+    collections.abc.MutableSequence,
+    collections.abc.Set,
+    collections.abc.MutableSet,
+)
+_MAPPING_TYPES = (dict, collections.abc.Mapping, collections.abc.MutableMapping)
 
-    current: Any = struct_type
-    for part in [p for p in re.split(r"\.|\[\d+\]", path) if p]:
-        try:
-            hints = typing.get_type_hints(current)
-        except Exception:
-            return []
-        current = hints.get(part)
-        if current is None:
-            return []
-        args = [a for a in typing.get_args(current) if isinstance(a, type) and issubclass(a, msgspec.Struct)]
-        if typing.get_origin(current) is not typing.Literal and args:
-            current = args[0]
-    if typing.get_origin(current) is typing.Literal:
-        return [str(v) for v in typing.get_args(current)]
+
+def _is_struct(value_type: Any) -> bool:
+    return isinstance(value_type, type) and issubclass(value_type, msgspec.Struct)
+
+
+def _without_annotations(value_type: Any) -> Any:
+    """`Annotated[int, Meta(ge=1)]` -> int (its constraints are still checked by converting)."""
+    while typing.get_origin(value_type) is typing.Annotated:
+        value_type = typing.get_args(value_type)[0]
+    return value_type
+
+
+def _choices(value_type: Any) -> list[str]:
+    """The allowed values of a Literal or Enum type, for a friendlier error."""
+    if typing.get_origin(value_type) is typing.Literal:
+        return [str(v) for v in typing.get_args(value_type)]
+    if isinstance(value_type, type) and issubclass(value_type, enum.Enum):
+        return [str(member.value) for member in value_type]
     return []
+
+
+def _key_path(path: str, key: Any) -> str:
+    """`path.key`, quoting the key as TOML does when it is not a bare key."""
+    return f"{path}.{_toml_key(str(key))}"
 
 
 def load_toml(path: Path) -> dict[str, Any]:
