@@ -10,14 +10,13 @@ before any buffer of that size exists, so a peer cannot make us allocate more th
 
 from __future__ import annotations
 
-import re
 import struct
 from collections.abc import Iterator
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Literal, TypeVar
 
 import msgspec
 
-from agent.decoding import MalformedData, decode_untrusted
+from agent.decoding import DECODE_ERRORS, MalformedData, decode_untrusted
 
 from .messages import Message, PreEncodedBatch, ProtocolError, WireSeries
 
@@ -152,59 +151,81 @@ class FrameDecoder(Generic[M]):
             yield message
 
     def _describe(self, malformed: MalformedData, body: memoryview) -> ProtocolError:
-        """A one-line error naming the message type (when the tag is readable) and the bad field."""
+        """A one-line error naming the message type (when the tag is readable) and the bad field.
+
+        Which of these it is comes from reading the body again (its first element, then each field on
+        its own), not from msgspec's message, whose wording changes between releases; that message
+        only describes the problem."""
         if not malformed.validation:
             return MalformedMessageError(f"undecodable frame body ({len(body)} bytes): {malformed}")
-        error = malformed.__cause__
-        assert isinstance(error, msgspec.ValidationError)
-        if str(error).endswith(" - at `$[0]`"):
-            # Only the tag is at index 0: msgspec found no message type with this tag.
-            unknown = _UNKNOWN_TAG.match(str(error))
-            if unknown is None:
-                return UnknownMessageTypeError(f"message tag is not a string: {_one_line(error)}")
-            tag = unknown[1]
-        else:
-            tag = _peek_tag(body)
+        described = _one_line(malformed.__cause__ or malformed)
+        tag = _read_tag(body)
         if tag is None:
-            return MalformedMessageError(f"frame body is not a tagged message: {_one_line(error)}")
+            return MalformedMessageError(f"frame body is not a tagged message: {described}")
+        if tag is False:
+            return UnknownMessageTypeError(f"message tag is not a string: {described}")
         message_type = self._types_by_tag.get(tag)
         if message_type is None:
             expected = ", ".join(sorted(self._types_by_tag))
             return UnknownMessageTypeError(
                 f"unexpected message type {_one_line(repr(tag))} (expected one of: {expected})"
             )
-        return MalformedMessageError(
-            f"invalid {tag!r} message: {_one_line(error)}{_field_named_by(error, message_type)}"
-        )
+        field = _first_bad_field(body, message_type)
+        named = f" (field {field!r})" if field is not None else ""
+        return MalformedMessageError(f"invalid {tag!r} message: {described}{named}")
 
 
-class _TagOnly(msgspec.Struct, array_like=True):
-    """The first element of a message array. Decoding it skips the other elements without building
-    them, so reading the tag of a bad frame costs no memory."""
+class _Head(msgspec.Struct, array_like=True):
+    """The first element of a message array, undecoded. Decoding it skips the other elements without
+    building them, so reading the tag of a bad frame costs no memory."""
 
-    tag: str
+    tag: msgspec.Raw
 
 
-def _peek_tag(body: memoryview) -> str | None:
-    """The tag of an invalid message, for the error text only (so this runs only on errors)."""
+# The two functions below run only on errors and return plain values: a msgspec.Raw decoded from the
+# frame's memoryview holds an export of it, which must be gone before the decoder's buffer is resized.
+
+
+def _read_tag(body: memoryview) -> str | Literal[False] | None:
+    """The tag of a message array; False when its first element is not a string, None when the body is
+    not an array of at least one element."""
     try:
-        return msgspec.msgpack.decode(body, type=_TagOnly).tag
-    except Exception:  # noqa: BLE001 - any failure (even deep nesting) just means "no readable tag"
+        head = msgspec.msgpack.decode(body, type=_Head)
+    except DECODE_ERRORS:
         return None
+    try:
+        return msgspec.msgpack.decode(head.tag, type=str)
+    except DECODE_ERRORS:
+        return False
 
 
-def _field_named_by(error: msgspec.ValidationError, message_type: type[Message]) -> str:
-    """msgspec names the place of a bad value by array index (`$[2]...`): name the top-level field too.
-    Index 0 is the tag, so field i is at index i + 1."""
-    match = _TOP_LEVEL_INDEX.search(str(error))
-    fields = message_type.__struct_fields__
-    if match is None or not 1 <= int(match[1]) <= len(fields):
-        return ""
-    return f" (field {fields[int(match[1]) - 1]!r})"
+def _first_bad_field(body: memoryview, message_type: type[Message]) -> str | None:
+    """The first field of a message array (after the tag) whose value does not decode to its type on its
+    own; None when each does (the array is too short, or a check of the whole message failed)."""
+    try:
+        values = msgspec.msgpack.decode(body, type=_field_reader(message_type))
+    except DECODE_ERRORS:
+        return None
+    for info in msgspec.structs.fields(message_type):
+        raw = getattr(values, info.name)
+        if not raw:  # the array ended before this field
+            continue
+        try:
+            msgspec.msgpack.decode(raw, type=info.type)
+        except DECODE_ERRORS:
+            return info.name
+    return None
 
 
-_TOP_LEVEL_INDEX = re.compile(r"at `\$\[(\d+)\]")
-_UNKNOWN_TAG = re.compile(r"Invalid value '(.*)' - at `\$\[0\]`$", re.DOTALL)
+def _field_reader(message_type: type[Message]) -> type[msgspec.Struct]:
+    """An array-like Struct that reads the tag and each field of `message_type` as undecoded bytes (built
+    when a frame is bad, which ends the session: no need to keep it)."""
+    fields = [(info.name, msgspec.Raw, msgspec.Raw()) for info in msgspec.structs.fields(message_type)]
+    return msgspec.defstruct(
+        f"_{message_type.__name__}Fields", [("tag", msgspec.Raw), *fields], array_like=True
+    )
+
+
 #: Error texts quote values from the wire: keep them short and on one line.
 _MAX_QUOTED_TEXT = 200
 

@@ -186,6 +186,91 @@ def test_each_bad_body_gets_a_one_line_error(body, error_type, error):
     assert str(caught.value) == error
 
 
+class RewordingDecoder:
+    """msgspec.msgpack.Decoder as a release that words every validation error differently would be."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        self._decoder = REAL_DECODER(*args, **kwargs)
+
+    def decode(self, data):
+        return reworded(self._decoder.decode, data)
+
+
+REAL_DECODER = msgspec.msgpack.Decoder
+REAL_DECODE = msgspec.msgpack.decode
+
+
+def reworded(decode, *args, **kwargs):
+    try:
+        return decode(*args, **kwargs)
+    except msgspec.ValidationError:
+        raise msgspec.ValidationError("Value rejected") from None
+
+
+@pytest.mark.parametrize(
+    ("body", "error_type", "error"),
+    [
+        (
+            msgspec.msgpack.encode({"tag": "hello"}),
+            MalformedMessageError,
+            "frame body is not a tagged message: Value rejected",
+        ),
+        (
+            msgspec.msgpack.encode([]),
+            MalformedMessageError,
+            "frame body is not a tagged message: Value rejected",
+        ),
+        (
+            msgspec.msgpack.encode(["launch", 1]),
+            UnknownMessageTypeError,
+            "unexpected message type 'launch' (expected one of: batch, bye, defs, hb, hello)",
+        ),
+        (
+            msgspec.msgpack.encode([7, 1]),
+            UnknownMessageTypeError,
+            "message tag is not a string: Value rejected",
+        ),
+        (
+            msgspec.msgpack.encode(["hello", 1, "node", "s", 5]),
+            MalformedMessageError,
+            "invalid 'hello' message: Value rejected (field 'agent_version')",
+        ),
+        (
+            msgspec.msgpack.encode(["hello", 1, "node"]),
+            MalformedMessageError,
+            "invalid 'hello' message: Value rejected",
+        ),
+        (
+            msgspec.msgpack.encode(
+                ["batch", 1, [[0, ["dram", ""], ["local_machine", ""], {}, [1, "2"], [1.0, 2.0]]]]
+            ),
+            MalformedMessageError,
+            "invalid 'batch' message: Value rejected (field 'series')",
+        ),
+    ],
+)
+def test_what_is_wrong_does_not_depend_on_the_wording_of_msgspec(monkeypatch, body, error_type, error):
+    """The message type and the field come from reading the frame again, not from msgspec's text."""
+    monkeypatch.setattr(msgspec.msgpack, "Decoder", RewordingDecoder)
+    monkeypatch.setattr(msgspec.msgpack, "decode", lambda *a, **k: reworded(REAL_DECODE, *a, **k))
+    with pytest.raises(error_type) as caught:
+        list(FrameDecoder(ClientMessage).feed(frame_of(body)))
+    assert str(caught.value) == error
+
+
+def test_decoding_goes_on_after_a_frame_with_a_bad_field():
+    """Reading the bad frame's fields again leaves no view on the buffer, which is resized after it."""
+    encoder = FrameEncoder()
+    decoder = FrameDecoder(ServerMessage)
+    bad = frame_of(msgspec.msgpack.encode(["ack", "one"]))
+    received = []
+    with pytest.raises(MalformedMessageError, match=r"invalid 'ack' message: .* \(field 'seq'\)$"):
+        for message in decoder.feed(encoder.encode(Ack(1)) + bad + encoder.encode(Ack(2))):
+            received.append(message)
+    received.extend(decoder.feed(encoder.encode(Ack(3))))
+    assert received == [Ack(1), Ack(2), Ack(3)]
+
+
 def test_a_huge_quoted_value_is_shortened_in_the_error():
     body = msgspec.msgpack.encode(["x" * 100_000])
     with pytest.raises(UnknownMessageTypeError) as caught:
