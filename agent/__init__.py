@@ -21,6 +21,10 @@ hookimpl = pluggy.HookimplMarker(PROJECT_NAME)
 
 # The re-exports come after `hookimpl` and `__version__`: agent.plugin imports agent.model and
 # agent.units, which need nothing from this package's namespace, so no cycle can form.
+from agent.backoff import Backoff  # noqa: E402
+from agent.decoding import MalformedData, decode_untrusted  # noqa: E402
+from agent.errors import StartupError, describe_exception  # noqa: E402
+from agent.inbox import AckCallback, Envelope, OutputInbox  # noqa: E402
 from agent.model import (  # noqa: E402
     CONSUMER_KINDS,
     LOCAL_MACHINE,
@@ -39,7 +43,6 @@ from agent.model import (  # noqa: E402
     now_ns,
 )
 from agent.plugin import (  # noqa: E402
-    AckCallback,
     AutonomousSource,
     BatchBuilder,
     Output,
@@ -48,11 +51,15 @@ from agent.plugin import (  # noqa: E402
     Plugin,
     PluginConfig,
     PolledSource,
+    PolledSourceConfig,
+    Service,
     SourceSink,
     StartContext,
     Transform,
 )
-from agent.units import Duration, Size  # noqa: E402
+from agent.ratelimit import DropCounter, RateLimitedLog  # noqa: E402
+from agent.tasks import ChangeNotifier, Reconnector, supervise  # noqa: E402
+from agent.units import Duration, NonNegativeDuration, PositiveDuration, Size  # noqa: E402
 
 __all__ = [
     "CONSUMER_KINDS",
@@ -62,25 +69,41 @@ __all__ = [
     "AckCallback",
     "AttributeValue",
     "AutonomousSource",
+    "Backoff",
     "Batch",
     "BatchBuilder",
+    "ChangeNotifier",
     "Consumer",
+    "DropCounter",
     "Duration",
+    "Envelope",
+    "MalformedData",
     "MetricConflictError",
     "MetricDef",
     "MetricRegistry",
+    "NonNegativeDuration",
     "Output",
     "OutputConfig",
+    "OutputInbox",
     "OverflowPolicy",
     "Plugin",
     "PluginConfig",
     "PolledSource",
+    "PolledSourceConfig",
+    "PositiveDuration",
+    "RateLimitedLog",
+    "Reconnector",
     "Resource",
     "Series",
+    "Service",
     "Size",
     "SourceSink",
     "StartContext",
+    "StartupError",
     "Transform",
+    "decode_untrusted",
+    "describe_exception",
+    "supervise",
     "Value",
     "ValueType",
     "__version__",

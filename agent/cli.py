@@ -24,8 +24,8 @@ import typer
 from agent import __version__
 from agent import config as config_mod
 from agent.config import AgentConfig, ConfigError, Overrides
+from agent.errors import StartupError, describe_exception
 from agent.manager import PluginEntry, PluginLoadError, build_plugin_manager, collect_plugins
-from agent.pipeline import StartupError, describe_exception
 from agent.runtime import Agent, PluginStartError
 
 log = logging.getLogger("agent")

@@ -18,8 +18,6 @@ grace period, after which what is left is reported as dropped.
 from __future__ import annotations
 
 import logging
-import math
-from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
@@ -28,272 +26,28 @@ from typing import Any
 import trio
 
 from agent.backoff import Backoff
+from agent.errors import StartupError, describe_exception
+from agent.inbox import AckCallback, BatchTracker, Envelope, OutputInbox
 from agent.model import LOCAL_MACHINE, LOCAL_MACHINE_CONSUMER, Batch, Series, now_ns
 from agent.plugin import (
-    AckCallback,
     AutonomousSource,
     BatchBuilder,
     Element,
     Output,
     OutputConfig,
     PolledSource,
+    Service,
     SourceSink,
     Transform,
 )
+from agent.tasks import supervise
 
 log = logging.getLogger(__name__)
-
-
-class _BatchTracker:
-    """Counts the outputs that still have to write one batch; calls the source's callback once."""
-
-    __slots__ = ("pending", "ok", "callback")
-
-    def __init__(self, pending: int, callback: AckCallback) -> None:
-        self.pending = pending
-        self.ok = True
-        self.callback = callback
-
-    def output_done(self, ok: bool) -> None:
-        if not ok:
-            self.ok = False
-        self.pending -= 1
-        if self.pending == 0:
-            try:
-                self.callback(self.ok)
-            except Exception:
-                log.exception("acknowledgement callback failed")
-
-
-class Envelope:
-    """One batch on its way to one output. Call `done(True)` once written, `done(False)` if it never
-    will be; calling it again does nothing."""
-
-    __slots__ = ("batch", "points", "_tracker", "_inbox", "settled")
-
-    def __init__(self, batch: Batch, points: int, tracker: _BatchTracker | None, inbox: OutputInbox) -> None:
-        self.batch = batch
-        self.points = points
-        self._tracker = tracker
-        self._inbox = inbox
-        self.settled = False
-
-    def done(self, ok: bool = True) -> None:
-        if self.settled:
-            return
-        self.settled = True
-        self._inbox._settle(self, ok)
-        if self._tracker is not None:
-            self._tracker.output_done(ok)
-
-
-@dataclass
-class OutputCounters:
-    received: int = 0
-    written: int = 0
-    dropped: int = 0
-    failed_writes: int = 0
-
-
-class OutputInbox:
-    """The bounded queue in front of one output, counted in points."""
-
-    def __init__(self, name: str, max_points: int, overflow: str) -> None:
-        self.name = name
-        self.max_points = max(1, max_points)
-        self.overflow = overflow
-        self.counters = OutputCounters()
-        self._queue: deque[Envelope] = deque()
-        self._queued_points = 0
-        # Envelopes handed to the output and not yet settled: they count against the capacity too, and
-        # go back to the front of the queue if the output task crashes and restarts.
-        self._taken: dict[int, Envelope] = {}
-        self._taken_points = 0
-        self._closed = False
-        self._changed = trio.Event()
-
-    # -- producer side (the dispatcher) --
-
-    @property
-    def queued_points(self) -> int:
-        return self._queued_points + self._taken_points
-
-    async def put(self, envelope: Envelope) -> None:
-        self.counters.received += envelope.points
-        if self.overflow == "block":
-            # Wait for room, but always accept into an empty queue (a batch larger than the queue
-            # must not block forever).
-            while self.queued_points and self.queued_points + envelope.points > self.max_points:
-                await self._wait_change()
-        else:
-            while self._queue and self.queued_points + envelope.points > self.max_points:
-                oldest = self._queue.popleft()
-                self._queued_points -= oldest.points
-                self._drop(oldest, "queue full (overflow = drop_oldest)")
-        self._queue.append(envelope)
-        self._queued_points += envelope.points
-        self._notify()
-
-    def close(self) -> None:
-        self._closed = True
-        self._notify()
-
-    # -- consumer side (the output task) --
-
-    async def receive_batch(self, max_points: int = 100_000, wait: float = 0.0) -> list[Envelope]:
-        """Waits for envelopes and returns up to `max_points` points of them (at least one envelope).
-
-        With `wait` > 0, gathers for up to `wait` seconds after the first envelope arrived, unless
-        `max_points` are there sooner or the inbox is closing. Returns [] once closed and empty.
-        """
-        while not self._queue:
-            if self._closed:
-                return []
-            await self._wait_change()
-        if wait > 0 and not self._closed and self._queued_points < max_points:
-            with trio.move_on_after(wait):
-                while not self._closed and self._queued_points < max_points:
-                    await self._wait_change()
-        return self.receive_nowait(max_points)
-
-    def receive_nowait(self, max_points: int = 100_000) -> list[Envelope]:
-        """What `receive_batch` would return now, without waiting ([] if nothing is queued)."""
-        taken: list[Envelope] = []
-        points = 0
-        while self._queue and (not taken or points + self._queue[0].points <= max_points):
-            env = self._queue.popleft()
-            self._queued_points -= env.points
-            points += env.points
-            self._taken[id(env)] = env
-            self._taken_points += env.points
-            taken.append(env)
-        if taken:
-            self._notify()
-        return taken
-
-    @property
-    def closed(self) -> bool:
-        return self._closed
-
-    @property
-    def exhausted(self) -> bool:
-        return self._closed and not self._queue
-
-    async def wait_closed_or_items(self) -> None:
-        while not self._queue and not self._closed:
-            await self._wait_change()
-
-    # -- internals --
-
-    def _settle(self, env: Envelope, ok: bool) -> None:
-        if self._taken.pop(id(env), None) is not None:
-            self._taken_points -= env.points
-        if ok:
-            self.counters.written += env.points
-        else:
-            self.counters.dropped += env.points
-        self._notify()
-
-    def _drop(self, env: Envelope, reason: str) -> None:
-        if self.counters.dropped == 0 or math.log2(self.counters.dropped + 1).is_integer():
-            log.warning("output %s: dropped %d points: %s", self.name, env.points, reason)
-        env.done(False)
-
-    def requeue_taken(self) -> None:
-        """Puts envelopes that a crashed output task had taken back at the front, in order."""
-        if not self._taken:
-            return
-        envs = list(self._taken.values())
-        self._taken.clear()
-        self._taken_points = 0
-        for env in reversed(envs):
-            if not env.settled:
-                self._queue.appendleft(env)
-                self._queued_points += env.points
-        self._notify()
-
-    def drop_everything(self, reason: str) -> int:
-        """Settles every unsettled envelope as failed (shutdown after the grace period)."""
-        envs = list(self._taken.values()) + list(self._queue)
-        self._queue.clear()
-        self._queued_points = 0
-        points = 0
-        for env in envs:
-            if not env.settled:
-                points += env.points
-                env.done(False)
-        if points:
-            log.error("output %s: %d points not written: %s", self.name, points, reason)
-        return points
-
-    def _notify(self) -> None:
-        self._changed.set()
-        self._changed = trio.Event()
-
-    async def _wait_change(self) -> None:
-        await self._changed.wait()
-
-
-async def run_write_loop(
-    output: Output, inbox: OutputInbox, task_status: Any = trio.TASK_STATUS_IGNORED
-) -> None:
-    """The loop behind `Output.write`: gather, write, acknowledge; retry with backoff on errors."""
-    await output.open()
-    task_status.started()
-    backoff = Backoff(0.5, 30.0)
-    try:
-        while True:
-            envs = await inbox.receive_batch(output.batch_max_points, output.flush_interval)
-            if not envs:
-                return
-            while True:
-                live = [e for e in envs if not e.settled]  # the queue may have dropped some meanwhile
-                if not live:
-                    break
-                try:
-                    await output.write([e.batch for e in live])
-                except Exception as exc:
-                    inbox.counters.failed_writes += 1
-                    delay = backoff.next_delay()
-                    log.error(
-                        "output %s: write failed: %s; retrying in %.1fs",
-                        inbox.name,
-                        describe_exception(exc),
-                        delay,
-                    )
-                    log.debug("output %s: write failure", inbox.name, exc_info=True)
-                    await trio.sleep(delay)
-                    continue
-                backoff.reset()
-                for e in live:
-                    e.done(True)
-                break
-    finally:
-        with trio.CancelScope(shield=True):
-            with trio.move_on_after(5):
-                await output.close()
 
 
 def _well_formed(series: Series) -> bool:
     n = len(series.timestamps)
     return len(series.values) == n and (isinstance(series.metric, str) or len(series.metric) == n)
-
-
-class StartupError(Exception):
-    """An element could not start; the message names it and says why."""
-
-
-def describe_exception(exc: BaseException) -> str:
-    """One line for a log: the message of the exception, or of the exceptions inside a group."""
-    if isinstance(exc, BaseExceptionGroup):
-        return "; ".join(describe_exception(e) for e in exc.exceptions)
-    text = str(exc).strip().replace("\n", " ")
-    text = (
-        f"{type(exc).__name__}: {text}"
-        if text and not isinstance(exc, StartupError | OSError)
-        else (text or type(exc).__name__)
-    )
-    return text if len(text) < 300 else text[:297] + "..."
 
 
 @dataclass
@@ -330,14 +84,14 @@ class Pipeline:
                 self.outputs.append((e, inbox))
             elif e.kind == "source":
                 self.sources[e.full_name] = SourceState(e)
+        self.services: list[Element] = [e for e in self.elements if e.kind == "service"]
         self._send_channel, self._receive_channel = trio.open_memory_channel[
             tuple[Batch, AckCallback | None]
         ](self.source_channel_size)
         self._stop_sources = trio.Event()
-        self._stopping = False
         self._final_poll = False
         # Set when stopping: everything left must be done by then (see `run`).
-        self._shutdown_deadline = math.inf
+        self._shutdown_deadline = float("inf")
         #: Set once every polled source has polled once (`agent exec` starts its command then).
         self.first_polls_done = trio.Event()
         self._first_polls_pending = sum(
@@ -351,12 +105,7 @@ class Pipeline:
     def stop(self, final_poll: bool = False) -> None:
         """Asks the pipeline to stop: sources flush and stop, outputs drain (see `run`)."""
         self._final_poll = self._final_poll or final_poll
-        self._stopping = True
         self._stop_sources.set()
-
-    @property
-    def stopping(self) -> bool:
-        return self._stopping
 
     def sink(self) -> SourceSink:
         """A sink into the pipeline, for autonomous sources and tests."""
@@ -387,23 +136,25 @@ class Pipeline:
     ) -> None:
         """Runs until `stop()` (or, with `once`, until every polled source polled once), then drains.
 
-        `task_status.started()` is called once every output and autonomous source is up.
+        Start order: outputs (each `run` reports readiness), then services, then sources.
+        `task_status.started()` is called once every output, service and autonomous source is up; one
+        that fails before it is up raises `StartupError` naming it.
         """
         async with trio.open_nursery() as outer:
             outputs_scope = trio.CancelScope()
             outputs_done = trio.Event()
-            outer.start_soon(self._run_outputs_and_dispatch, outputs_scope, outputs_done)
+            await outer.start(self._run_outputs_and_dispatch, outputs_scope, outputs_done)
+            # Services (admin listeners, control servers) run until everything is drained.
+            await outer.start(self._run_services)
 
             async with trio.open_nursery() as polled:
                 async with trio.open_nursery() as autonomous:
                     for name, state in self.sources.items():
                         src = state.element.obj
                         if isinstance(src, PolledSource):
-                            polled.start_soon(
-                                self._supervise, f"source {name}", self._polled_loop, state, once
-                            )
+                            polled.start_soon(self._run_polled, name, state, once)
                         elif not once:
-                            await autonomous.start(self._run_autonomous, name, src)
+                            await autonomous.start(self._run_autonomous, name, state, src)
                     if self.self_metrics_interval > 0 and not once:
                         autonomous.start_soon(self._self_metrics_loop)
                     task_status.started()
@@ -423,45 +174,70 @@ class Pipeline:
             await outputs_done.wait()
             outer.cancel_scope.cancel()
 
-    async def _run_autonomous(
+    async def _run_element(
         self,
-        name: str,
-        source: AutonomousSource,
+        label: str,
+        run: Callable[..., Awaitable[Any]],
+        *,
+        on_failure: Callable[[BaseException], None] | None = None,
         task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        """Runs one autonomous source. Failing before it is ready is a startup error (a listener that
-        cannot bind); crashing later is logged and restarted with backoff."""
-        backoff = Backoff(*self.restart_backoff)
+        """Runs `run(task_status=...)` of one element: failing before it reports readiness is a
+        `StartupError` (a listener that cannot bind); crashing later is logged and restarted with backoff
+        (`on_failure` is called first). Returns when `run` returns."""
         ready = False
-        while True:
+
+        async def attempt() -> None:
+            nonlocal ready
             try:
                 async with trio.open_nursery() as nursery:
-                    await nursery.start(partial(source.run, self.sink()))
+                    await nursery.start(run)
                     if not ready:
                         ready = True
                         task_status.started()
-                    backoff.reset()
-                return
             except Exception as exc:
                 if not ready:
-                    raise StartupError(f"source {name} could not start: {describe_exception(exc)}") from exc
-                self.sources[name].errors += 1
-                delay = backoff.next_delay()
-                log.error("source %s failed: %s; restarting in %.1fs", name, describe_exception(exc), delay)
-                log.debug("source %s failure", name, exc_info=True)
-                await trio.sleep(delay)
+                    raise StartupError(f"{label} could not start: {describe_exception(exc)}") from exc
+                raise
 
-    async def _supervise(self, name: str, fn: Callable[..., Awaitable[None]], *args: Any) -> None:
-        backoff = Backoff(*self.restart_backoff)
-        while True:
-            try:
-                await fn(*args)
-                return
-            except Exception as exc:
-                delay = backoff.next_delay()
-                log.error("%s failed: %s; restarting in %.1fs", name, describe_exception(exc), delay)
-                log.debug("%s failure", name, exc_info=True)
-                await trio.sleep(delay)
+        await supervise(
+            label,
+            attempt,
+            logger=log,
+            backoff=Backoff(*self.restart_backoff),
+            on_failure=on_failure,
+            give_up=lambda _: not ready,
+        )
+
+    async def _run_autonomous(
+        self,
+        name: str,
+        state: SourceState,
+        source: AutonomousSource,
+        task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        def count(_: BaseException) -> None:
+            state.errors += 1
+
+        await self._run_element(
+            f"source {name}", partial(source.run, self.sink()), on_failure=count, task_status=task_status
+        )
+
+    async def _run_services(self, task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            for element in self.services:
+                service: Service = element.obj
+                await nursery.start(partial(self._run_element, f"service {element.full_name}", service.run))
+            task_status.started()
+            await trio.sleep_forever()
+
+    async def _run_polled(self, name: str, state: SourceState, once: bool) -> None:
+        await supervise(
+            f"source {name}",
+            partial(self._polled_loop, state, once),
+            logger=log,
+            backoff=Backoff(*self.restart_backoff),
+        )
 
     async def _polled_loop(self, state: SourceState, once: bool) -> None:
         source: PolledSource = state.element.obj
@@ -521,7 +297,9 @@ class Pipeline:
             await state.element.obj.poll(builder, now_ns())
         except Exception as exc:
             state.errors += 1
-            if state.errors == 1 or math.log2(state.errors).is_integer():
+            # The 1st, 2nd, 4th, 8th... failure: a source that fails every poll stays visible without
+            # a line per poll.
+            if state.errors & (state.errors - 1) == 0:
                 log.error(
                     "source %s: poll failed (%d so far): %s",
                     state.element.full_name,
@@ -536,11 +314,17 @@ class Pipeline:
             if self._first_polls_pending == 0:
                 self.first_polls_done.set()
 
-    async def _run_outputs_and_dispatch(self, scope: trio.CancelScope, done: trio.Event) -> None:
+    async def _run_outputs_and_dispatch(
+        self,
+        scope: trio.CancelScope,
+        done: trio.Event,
+        task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
         with scope:
             async with trio.open_nursery() as nursery:
                 for element, inbox in self.outputs:
-                    nursery.start_soon(self._output_task, element, inbox)
+                    await nursery.start(self._run_output, element, inbox)
+                task_status.started()
                 await self._dispatch()
                 for _, inbox in self.outputs:
                     inbox.close()
@@ -549,24 +333,26 @@ class Pipeline:
                 inbox.drop_everything("the grace period ran out at shutdown")
         done.set()
 
-    async def _output_task(self, element: Element, inbox: OutputInbox) -> None:
+    async def _run_output(
+        self,
+        element: Element,
+        inbox: OutputInbox,
+        task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
         output: Output = element.obj
-        backoff = Backoff(*self.restart_backoff)
-        while True:
-            try:
-                await output.run(inbox)
-                if inbox.exhausted:
-                    return
+
+        async def run(task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED) -> None:
+            await output.run(inbox, task_status=task_status)
+            if not inbox.exhausted:
                 # run() returned early without draining: treat like a crash.
                 raise RuntimeError("the output stopped before its queue was drained")
-            except Exception as exc:
-                inbox.requeue_taken()
-                delay = backoff.next_delay()
-                log.error(
-                    "output %s failed: %s; restarting in %.1fs", inbox.name, describe_exception(exc), delay
-                )
-                log.debug("output %s failure", inbox.name, exc_info=True)
-                await trio.sleep(delay)
+
+        await self._run_element(
+            f"output {inbox.name}",
+            run,
+            on_failure=lambda _: inbox.requeue_taken(),
+            task_status=task_status,
+        )
 
     async def _dispatch(self) -> None:
         inboxes = [inbox for _, inbox in self.outputs]
@@ -596,7 +382,7 @@ class Pipeline:
                     if callback is not None:
                         callback(True)
                     continue
-                tracker = _BatchTracker(len(inboxes), callback) if callback is not None else None
+                tracker = BatchTracker(len(inboxes), callback) if callback is not None else None
                 for inbox in inboxes:
                     await inbox.put(Envelope(batch, points, tracker, inbox))
 

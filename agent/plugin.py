@@ -22,16 +22,14 @@ import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import msgspec
 import trio
 
+from agent.inbox import AckCallback, OutputInbox, run_write_loop
 from agent.model import Batch, MetricDef, MetricRegistry, ValueType
-from agent.units import Duration
-
-if TYPE_CHECKING:
-    from agent.pipeline import OutputInbox
+from agent.units import Duration, NonNegativeDuration, PositiveDuration
 
 
 class PluginConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -57,6 +55,21 @@ class OutputConfig(PluginConfig, kw_only=True):
     overflow: OverflowPolicy = "drop_oldest"
 
 
+class PolledSourceConfig(PluginConfig, kw_only=True):
+    """Base for the config of a plugin that adds a polled source: how often it measures, and how often
+    its points go to the outputs (several polls in one batch)."""
+
+    poll_interval: PositiveDuration = PositiveDuration(1.0)
+    flush_interval: NonNegativeDuration = NonNegativeDuration(1.0)
+
+    def __post_init__(self) -> None:
+        if self.flush_interval and self.flush_interval < self.poll_interval:
+            raise ValueError(
+                f"flush_interval: must not be shorter than poll_interval ({self.poll_interval}),"
+                f" got {self.flush_interval}"
+            )
+
+
 class PolledSource(abc.ABC):
     """A source that the core polls. Set `poll_interval` and `flush_interval` (seconds) on the instance,
     usually from the plugin's config; `flush_interval` is rounded to a whole number of polls."""
@@ -70,9 +83,6 @@ class PolledSource(abc.ABC):
 
     async def close(self) -> None:  # noqa: B027 (optional: most sources hold nothing)
         """Releases what the source holds (files, connections). Called once at shutdown."""
-
-
-AckCallback = Callable[[bool], None]
 
 
 class SourceSink:
@@ -114,6 +124,18 @@ class AutonomousSource(abc.ABC):
         know it is up; `value` is typically the bound address."""
 
 
+class Service(abc.ABC):
+    """A long-running task that is neither a source nor an output: an admin listener, a control server,
+    a subscription. Added with `StartContext.add_service`; the core starts it after the outputs and
+    before the sources, and cancels it once the outputs have drained at shutdown."""
+
+    @abc.abstractmethod
+    async def run(self, task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED) -> None:
+        """Runs until cancelled. Call `task_status.started(value)` once ready (listening): the agent
+        reports "started" only when every service is. Failing before that is a startup error (the agent
+        exits 1 with one line naming the service); failing later is logged and restarted with backoff."""
+
+
 class Transform(abc.ABC):
     """Rewrites a batch. Return the batch (changed in place or new), or None to drop all of it."""
 
@@ -152,8 +174,6 @@ class Output:
         """The default loop over `write`. Override for full control: take envelopes with
         `inbox.receive_batch`, call `env.done(ok)` on each once written; return when the inbox is
         exhausted (shutdown)."""
-        from agent.pipeline import run_write_loop
-
         await run_write_loop(self, inbox, task_status)
 
 
@@ -210,7 +230,7 @@ class Element:
 
     plugin: str
     name: str
-    kind: Literal["source", "transform", "output"]
+    kind: Literal["source", "transform", "output", "service"]
     obj: Any
     config: Any = None
 
@@ -221,12 +241,18 @@ class Element:
 
 @dataclass
 class StartContext:
-    """Given to `Plugin.start`: register metrics and add elements here."""
+    """Given to `Plugin.start`: register metrics and add elements here.
+
+    `data_dir` is `[agent] data_dir` (see `plugin_data_dir`); `config_dir` the folder of the config
+    file, against which relative paths in a plugin's table are resolved (None without a file);
+    `grace_period` the seconds a shutdown may take, from the stop request to the last write.
+    """
 
     plugin_name: str
     registry: MetricRegistry
     data_dir: Path
-    agent_config: Any
+    config_dir: Path | None = None
+    grace_period: float = 10.0
     elements: list[Element] = field(default_factory=list)
 
     @property
@@ -258,6 +284,19 @@ class StartContext:
         self.elements.append(
             Element(self.plugin_name, name or self.plugin_name, "output", output, config or OutputConfig())
         )
+
+    def add_service(self, service: Service, name: str | None = None) -> None:
+        """Adds a long-running task (see `Service`)."""
+        if not isinstance(service, Service):
+            raise TypeError(f"{service!r} is not a Service")
+        self.elements.append(Element(self.plugin_name, name or self.plugin_name, "service", service))
+
+    def resolve_path(self, path: str | Path) -> Path:
+        """`path` from the plugin's table: `~` expanded, relative to the config file's folder."""
+        expanded = Path(path).expanduser()
+        if expanded.is_absolute() or self.config_dir is None:
+            return expanded
+        return self.config_dir / expanded
 
 
 class Plugin(abc.ABC):
@@ -311,6 +350,8 @@ __all__ = [
     "Plugin",
     "PluginConfig",
     "PolledSource",
+    "PolledSourceConfig",
+    "Service",
     "SourceSink",
     "StartContext",
     "Transform",

@@ -15,9 +15,10 @@ import pluggy
 import trio
 
 from agent.config import AgentConfig
+from agent.errors import StartupError, describe_exception
 from agent.manager import PluginEntry
 from agent.model import MetricDef, MetricRegistry
-from agent.pipeline import SELF_METRICS, Pipeline, StartupError, describe_exception
+from agent.pipeline import SELF_METRICS, Pipeline
 from agent.plugin import Element, Plugin, StartContext
 
 log = logging.getLogger(__name__)
@@ -56,7 +57,13 @@ class Agent:
         data_dir = self.config.data_dir
         for name, plugin_config in self.config.plugins.items():
             plugin = self.available[name].cls()
-            ctx = StartContext(name, self.registry, data_dir, self.config)
+            ctx = StartContext(
+                name,
+                self.registry,
+                data_dir,
+                config_dir=self.config.path.parent if self.config.path is not None else None,
+                grace_period=float(self.config.agent.grace_period),
+            )
             try:
                 plugin.start(ctx, plugin_config)
             except Exception as exc:

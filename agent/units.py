@@ -41,6 +41,15 @@ class Duration(float):
         return format_duration(self)
 
 
+class PositiveDuration(Duration):
+    """A `Duration` that must be more than zero (a poll interval, a timeout): checked when the config is
+    read, so that the error names the key."""
+
+
+class NonNegativeDuration(Duration):
+    """A `Duration` that may be zero ("0s" usually means "off" or "at once") but not negative."""
+
+
 class Size(int):
     """A size in bytes; written "64MiB", "10 MB", "512KiB" or a number of bytes."""
 
@@ -110,14 +119,15 @@ def format_size(size: int) -> str:
 
 def decode_config_value(target: type, value: Any) -> Any:
     """msgspec dec_hook: turns config strings (or numbers) into Duration and Size."""
-    if target is Duration:
-        if isinstance(value, bool):
+    if isinstance(target, type) and issubclass(target, Duration):
+        if isinstance(value, bool) or not isinstance(value, int | float | str):
             raise ValueError(f'expected a duration like "30s", got {value!r}')
-        if isinstance(value, int | float):
-            return Duration(value)
-        if isinstance(value, str):
-            return parse_duration(value)
-        raise ValueError(f'expected a duration like "30s", got {value!r}')
+        seconds = parse_duration(value) if isinstance(value, str) else Duration(value)
+        if target is PositiveDuration and seconds <= 0:
+            raise ValueError(f"must be positive, got {value!r}")
+        if target is NonNegativeDuration and seconds < 0:
+            raise ValueError(f"must not be negative, got {value!r}")
+        return target(seconds)
     if target is Size:
         if isinstance(value, bool):
             raise ValueError(f'expected a size like "64MiB", got {value!r}')

@@ -202,6 +202,7 @@ async def test_a_crashing_output_restarts_and_loses_nothing(autojump_clock: trio
 
         async def run(self, inbox, task_status=trio.TASK_STATUS_IGNORED) -> None:
             self.runs += 1
+            task_status.started()
             while True:
                 envs = await inbox.receive_batch()
                 if not envs:
@@ -326,6 +327,7 @@ async def test_a_crashing_output_is_logged_by_name_and_restarted_with_growing_de
 
         async def run(self, inbox, task_status=trio.TASK_STATUS_IGNORED) -> None:
             self.starts.append(trio.current_time())
+            task_status.started()
             if len(self.starts) <= 4:
                 raise ConnectionResetError("peer went away")
             while envs := await inbox.receive_batch():

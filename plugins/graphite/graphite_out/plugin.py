@@ -30,15 +30,11 @@ class GraphiteOutPlugin(Plugin):
         self.outputs: list[GraphiteOutput] = []
 
     def start(self, ctx: StartContext, config: GraphiteOutConfig) -> None:
-        agent_config = ctx.agent_config
-        config_path = getattr(agent_config, "path", None)
-        agent_section = getattr(agent_config, "agent", None)
-        grace_period = float(getattr(agent_section, "grace_period", 10.0))
         output = GraphiteOutput(
             config,
             spool_dir=ctx.plugin_data_dir() / "spool",
-            config_dir=config_path.parent if config_path is not None else None,
-            grace_period=grace_period,
+            config_dir=ctx.config_dir,
+            grace_period=ctx.grace_period,
         )
         # Bound now, so that a port in use is a startup error naming the port, not a crash loop later.
         output.bind_admin_ports()

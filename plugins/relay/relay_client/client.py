@@ -38,10 +38,10 @@ from typing import Any, TypeVar
 
 import trio
 
+from agent import Envelope, OutputInbox, describe_exception
 from agent import __version__ as AGENT_VERSION
 from agent.backoff import Backoff
 from agent.model import MetricDef, MetricRegistry
-from agent.pipeline import Envelope, OutputInbox, describe_exception
 from agent.plugin import Output
 from agent_plugins.relay.protocol import (
     PROTOCOL_VERSION,

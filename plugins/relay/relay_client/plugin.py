@@ -14,8 +14,7 @@ from typing import Annotated, Literal
 
 import msgspec
 
-from agent import Duration, OutputConfig, Plugin, Size, StartContext, hookimpl
-from agent.pipeline import StartupError
+from agent import Duration, OutputConfig, Plugin, Size, StartContext, StartupError, hookimpl
 from agent.units import format_size
 from agent_plugins.relay.protocol.address import parse_address
 from agent_plugins.relay.protocol.framing import FRAME_SIZE_LIMIT

@@ -7,7 +7,7 @@ autonomous source (`server.py`). The protocol is docs/relay-protocol.md.
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated
 
 import msgspec
 
@@ -95,13 +95,8 @@ class RelayServerPlugin(Plugin):
             ctx.logger.warning(
                 "token authentication without TLS: tokens cross the network in clear text (set tls_cert and tls_key)"
             )
-        grace = _grace_period(ctx.agent_config)
-        ctx.add_source(RelayServer(settings_from_config(config, grace), ctx.registry, ssl_context))
-
-
-def _grace_period(agent_config: Any) -> float:
-    agent = getattr(agent_config, "agent", None)
-    return float(getattr(agent, "grace_period", 10.0))
+        settings = settings_from_config(config, ctx.grace_period)
+        ctx.add_source(RelayServer(settings, ctx.registry, ssl_context))
 
 
 @hookimpl

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from agent.pipeline import StartupError
+from agent import StartupError
 
 
 class SecurityConfigError(StartupError):

@@ -27,8 +27,8 @@ from typing import Any
 import trio
 
 from agent import __version__ as AGENT_VERSION
+from agent import describe_exception
 from agent.model import MetricConflictError, MetricDef, MetricRegistry
-from agent.pipeline import describe_exception
 from agent.plugin import AutonomousSource, SourceSink
 from agent_plugins.relay.protocol import (
     PROTOCOL_VERSION,

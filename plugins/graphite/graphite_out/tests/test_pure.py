@@ -13,7 +13,12 @@ from agent.config import ConfigError
 from agent.decoding import MalformedData
 from agent.model import Consumer, Resource, Series
 from agent_plugins.graphite.graphite_out.config import parse_listen_address
-from agent_plugins.graphite.graphite_out.destination import Destination, DropCounter, ReplayPacer, spool_directory_name
+from agent_plugins.graphite.graphite_out.destination import (
+    Destination,
+    DropCounter,
+    ReplayPacer,
+    spool_directory_name,
+)
 from agent_plugins.graphite.graphite_out.render import Chunk, ChunkCodec, PathTemplate, render_plaintext, take
 from agent_plugins.graphite.graphite_out.testing import make_config
 from agent_plugins.graphite.protocol.hashing import parse_destination

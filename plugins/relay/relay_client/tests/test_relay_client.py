@@ -16,9 +16,10 @@ import trio
 import trio.testing
 import trustme
 
+from agent import StartupError
 from agent.config import ConfigError, convert_section
 from agent.model import MetricDef, MetricRegistry
-from agent.pipeline import Pipeline, StartupError
+from agent.pipeline import Pipeline
 from agent.plugin import StartContext
 from agent.testing import (
     CollectingOutput,
@@ -28,10 +29,6 @@ from agent.testing import (
     partial_run,
     source_element,
 )
-from agent_plugins.relay.relay_client.client import ClientSettings, RelayClient
-from agent_plugins.relay.relay_client.plugin import RelayClientConfig, RelayClientPlugin, build_client_ssl_context
-from agent_plugins.relay.relay_client.records import encode_records
-from agent_plugins.relay.relay_client.store import BatchStore, DiskBuffer, MemoryBuffer
 from agent_plugins.relay.protocol import (
     PROTOCOL_VERSION,
     Accept,
@@ -45,6 +42,14 @@ from agent_plugins.relay.protocol import (
     Reject,
     batch_from_wire,
 )
+from agent_plugins.relay.relay_client.client import ClientSettings, RelayClient
+from agent_plugins.relay.relay_client.plugin import (
+    RelayClientConfig,
+    RelayClientPlugin,
+    build_client_ssl_context,
+)
+from agent_plugins.relay.relay_client.records import encode_records
+from agent_plugins.relay.relay_client.store import BatchStore, DiskBuffer, MemoryBuffer
 from agent_plugins.relay.relay_server.security import build_server_ssl_context
 from agent_plugins.relay.relay_server.server import RelayServer, ServerSettings
 

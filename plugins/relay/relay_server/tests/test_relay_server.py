@@ -14,9 +14,10 @@ import pytest
 import trio
 import trio.testing
 
+from agent import StartupError
 from agent.config import ConfigError, convert_section
 from agent.model import LOCAL_MACHINE, LOCAL_MACHINE_CONSUMER, MetricDef, MetricRegistry
-from agent.pipeline import Pipeline, StartupError
+from agent.pipeline import Pipeline
 from agent.plugin import StartContext
 from agent.testing import CollectingOutput, output_element, partial_run, source_element
 from agent_plugins.relay.protocol import (
