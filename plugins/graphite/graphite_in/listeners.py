@@ -44,6 +44,7 @@ from typing import Any
 import trio
 
 from agent.model import Batch
+from agent.net import WILDCARD_HOSTS, format_address, parse_address
 from agent.plugin import AutonomousSource, SourceSink
 from agent_plugins.graphite.protocol.badlines import RecentBadLines
 from agent_plugins.graphite.protocol.pickle_codec import (
@@ -64,7 +65,6 @@ from agent_plugins.graphite.protocol.plaintext import (
     check_paths,
     parse_chunk,
 )
-from agent_plugins.relay.protocol.address import WILDCARD_HOSTS, format_address, parse_address
 
 from .series import graphite_series
 

@@ -12,9 +12,9 @@ from typing import Annotated
 from msgspec import Meta
 
 from agent import Duration, Plugin, PluginConfig, Size, StartContext, hookimpl
+from agent.net import AddressError, parse_address
 from agent_plugins.graphite.protocol.pickle_codec import DEFAULT_MAX_FRAME_BYTES, DEFAULT_MAX_POINTS_PER_FRAME
 from agent_plugins.graphite.protocol.plaintext import DEFAULT_MAX_LINE_LENGTH, ValidationLevel
-from agent_plugins.relay.protocol.address import AddressError, parse_address
 
 from .listeners import LISTENERS, READ_SIZE, GraphiteInput, ListenerSettings
 
