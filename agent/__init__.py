@@ -45,6 +45,7 @@ from agent.model import (  # noqa: E402
 from agent.plugin import (  # noqa: E402
     AutonomousSource,
     BatchBuilder,
+    CommandLineFlag,
     Output,
     OutputConfig,
     OverflowPolicy,
@@ -73,6 +74,7 @@ __all__ = [
     "Batch",
     "BatchBuilder",
     "ChangeNotifier",
+    "CommandLineFlag",
     "Consumer",
     "DropCounter",
     "Duration",

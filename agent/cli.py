@@ -1,6 +1,9 @@
 """The `agent` command.
 
     agent [--config PATH] [--plugins a,b] [--relay-out HOST:PORT] [--relay-in ADDR:PORT] [--once]
+
+(`--relay-out` and `--relay-in` are declared by the relay plugins through the `agent_command_line_flags`
+hook: any plugin can add a flag that enables it and sets one of its keys.)
     agent plugins list
     agent config regen
     agent exec -- CMD ARGS...
@@ -11,6 +14,7 @@ Exit codes: 0 after a clean stop (SIGINT/SIGTERM drain, `--once`), 2 for config 
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import sys
@@ -25,7 +29,14 @@ from agent import __version__
 from agent import config as config_mod
 from agent.config import AgentConfig, ConfigError, Overrides
 from agent.errors import StartupError, describe_exception
-from agent.manager import PluginEntry, PluginLoadError, build_plugin_manager, collect_plugins
+from agent.manager import (
+    PluginEntry,
+    PluginLoadError,
+    build_plugin_manager,
+    collect_command_line_flags,
+    collect_plugins,
+)
+from agent.plugin import CommandLineFlag
 from agent.runtime import Agent, PluginStartError
 
 log = logging.getLogger("agent")
@@ -51,12 +62,11 @@ class Options:
         self,
         config: Path,
         plugins: list[str] | None,
-        relay_out: str | None,
-        relay_in: str | None,
+        plugin_flags: list[tuple[CommandLineFlag, str]],
         log_level: str | None,
     ) -> None:
         self.config_path = config
-        self.overrides = Overrides(only_plugins=plugins, relay_out=relay_out, relay_in=relay_in)
+        self.overrides = Overrides(only_plugins=plugins, plugin_flags=plugin_flags)
         self.log_level = log_level
 
 
@@ -113,7 +123,6 @@ def load_config(options: Options, plugins: dict[str, PluginEntry], *, create: bo
         raise fail(f"config error: {exc}") from None
 
 
-@app.callback()
 def main_callback(
     ctx: typer.Context,
     config: Annotated[
@@ -122,12 +131,6 @@ def main_callback(
     plugins: Annotated[
         str | None, typer.Option("--plugins", help="Enable only these plugins (comma-separated names).")
     ] = None,
-    relay_out: Annotated[
-        str | None, typer.Option("--relay-out", help="Send measurements to this relay server (HOST:PORT).")
-    ] = None,
-    relay_in: Annotated[
-        str | None, typer.Option("--relay-in", help="Receive measurements from relay clients on ADDR:PORT.")
-    ] = None,
     log_level: Annotated[
         str | None, typer.Option("--log-level", help="debug, info, warning or error.")
     ] = None,
@@ -135,6 +138,7 @@ def main_callback(
         bool, typer.Option("--once", help="Poll every source once, flush every output, exit.")
     ] = False,
     version: Annotated[bool, typer.Option("--version", help="Print the version and exit.")] = False,
+    **plugin_flag_values: str | None,
 ) -> None:
     if version:
         typer.echo(f"agent {__version__}")
@@ -142,7 +146,9 @@ def main_callback(
     if log_level is not None:
         setup_logging(log_level)  # checked here, so that every sub-command rejects a bad level
     only = [p.strip() for p in plugins.split(",") if p.strip()] if plugins is not None else None
-    ctx.obj = Options(config, only, relay_out, relay_in, log_level)
+    flags: dict[str, CommandLineFlag] = ctx.meta.get(PLUGIN_FLAGS, {})
+    given = [(flags[key], value) for key, value in plugin_flag_values.items() if value is not None]
+    ctx.obj = Options(config, only, given, log_level)
     if ctx.invoked_subcommand is None:
         raise typer.Exit(run_agent(ctx.obj, once=once))
 
@@ -245,7 +251,59 @@ def config_regen(ctx: typer.Context) -> None:
     typer.echo(f"wrote {path}", err=True)
 
 
+#: Where `main_callback` finds the plugin-declared flags, by parameter name, in the context's `meta`.
+PLUGIN_FLAGS = "agent.plugin_flags"
+
+
+def installed_flags() -> list[CommandLineFlag]:
+    """Every flag that an installed plugin declares (`agent_command_line_flags`). A plugin that cannot
+    be loaded adds none here: running the agent then reports it."""
+    try:
+        pm = build_plugin_manager()
+        return collect_command_line_flags(pm, collect_plugins(pm))
+    except PluginLoadError:
+        return []
+
+
+def register_main_callback(flags: list[CommandLineFlag]) -> None:
+    """Registers `main_callback` with one more option per plugin flag.
+
+    typer builds options from a function's signature: the callback's signature gains a keyword parameter
+    per flag (`Annotated[str | None, typer.Option("--relay-out", ...)]`), whose value reaches
+    `main_callback` in `**plugin_flag_values`."""
+    by_param = {f"plugin_flag_{i}": flag for i, flag in enumerate(flags)}
+    signature = inspect.signature(main_callback, eval_str=True)
+    fixed = [p for p in signature.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+    added = [
+        inspect.Parameter(
+            name,
+            inspect.Parameter.KEYWORD_ONLY,
+            default=None,
+            annotation=Annotated[
+                str | None,
+                typer.Option(
+                    flag.flag,
+                    metavar=flag.metavar,
+                    help=flag.help or f"Enable the {flag.plugin} plugin and set its {flag.key}.",
+                ),
+            ],
+        )
+        for name, flag in by_param.items()
+    ]
+    parameters = fixed + added
+
+    def callback(ctx: typer.Context, **values: object) -> None:
+        ctx.meta[PLUGIN_FLAGS] = by_param
+        main_callback(ctx, **values)  # type: ignore[arg-type]
+
+    callback.__signature__ = signature.replace(parameters=parameters)  # type: ignore[attr-defined]
+    callback.__annotations__ = {p.name: p.annotation for p in parameters} | {"return": None}
+    callback.__doc__ = main_callback.__doc__
+    app.callback()(callback)
+
+
 def main() -> None:
+    register_main_callback(installed_flags())
     # Keep the process's exit code meaningful when stdout is a closed pipe (`agent plugins list | head`).
     try:
         app(prog_name="agent")

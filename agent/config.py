@@ -29,6 +29,7 @@ from typing import Any, Literal
 import msgspec
 
 from agent.manager import PluginEntry
+from agent.plugin import CommandLineFlag
 from agent.units import Duration, decode_config_value, encode_config_value
 
 log = logging.getLogger(__name__)
@@ -320,8 +321,9 @@ class Overrides:
     """What the command line changes in the config."""
 
     only_plugins: list[str] | None = None  # --plugins a,b
-    relay_out: str | None = None  # --relay-out HOST:PORT
-    relay_in: str | None = None  # --relay-in ADDR:PORT
+    #: Plugin-declared flags given on the command line, with their values (`agent_command_line_flags`):
+    #: each enables its plugin and sets one key of its table.
+    plugin_flags: list[tuple[CommandLineFlag, str]] = field(default_factory=list)
 
 
 def resolve(
@@ -364,12 +366,10 @@ def resolve(
     for name, entry in available.items():
         table = dict(tables.get(name, {}))
         forced = None  # (the flag, the key it sets) when the command line enables this plugin
-        if name == "relay-client" and overrides.relay_out:
-            table["relay_server"] = overrides.relay_out
-            forced = ("--relay-out", "relay_server")
-        if name == "relay-server" and overrides.relay_in:
-            table["address"] = overrides.relay_in
-            forced = ("--relay-in", "address")
+        for flag, value in overrides.plugin_flags:
+            if flag.plugin == name:
+                table[flag.key] = value
+                forced = (flag.flag, flag.key)
         try:
             config = convert_section(table, entry.cls.Config, f"plugins.{name}")
         except ConfigError as exc:
@@ -392,7 +392,7 @@ def resolve(
         else:
             disabled.add(name)
     # Config order: the plugins with a table in the order of the tables (transforms run in that
-    # order), then those enabled without one (--relay-out, --relay-in, the embedded defaults).
+    # order), then those enabled without one (plugin flags such as --relay-out, the embedded defaults).
     ordered = {name: enabled[name] for name in tables if name in enabled}
     ordered.update((name, config) for name, config in enabled.items() if name not in ordered)
     return AgentConfig(agent=agent, path=path, plugins=ordered, disabled=disabled)

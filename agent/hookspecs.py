@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import pluggy
 
 if TYPE_CHECKING:
-    from agent.plugin import Plugin
+    from agent.plugin import CommandLineFlag, Plugin
 
 PROJECT_NAME = "agent"
 hookspec = pluggy.HookspecMarker(PROJECT_NAME)
@@ -36,6 +36,19 @@ def agent_plugins() -> list[type[Plugin]]:
     Called once, when the agent builds its plugin list, before the config is read. Every result is
     collected: each implementation adds its classes. A class is a `agent.plugin.Plugin` subclass with a
     unique `name`; two plugins with the same name are an error naming both origins.
+    """
+
+
+@hookspec
+def agent_command_line_flags() -> list[CommandLineFlag]:
+    """Returns command-line flags that enable one of this module's plugins and set one of its keys.
+
+    Called once when the `agent` command is built, before its arguments are parsed; the flags appear in
+    `agent --help`. A flag given on the command line enables its plugin (even when `--plugins` or the
+    config file leaves it out) and sets `key` in its table to the flag's value; a bad value is reported
+    under the flag's name (`config error: --relay-out: ...`). Every result is collected; two modules
+    declaring the same flag is an error naming both plugins. Example: the relay client declares
+    `--relay-out HOST:PORT`, which sets `[plugins.relay-client] relay_server`.
     """
 
 

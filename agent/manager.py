@@ -15,7 +15,7 @@ import pluggy
 
 from agent import hookspecs
 from agent.hookspecs import PROJECT_NAME
-from agent.plugin import Plugin
+from agent.plugin import CommandLineFlag, Plugin
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +102,37 @@ def _entry_point_failure(pm: pluggy.PluginManager, exc: Exception) -> str:
                 f" {type(ep_exc).__name__}: {ep_exc}"
             )
     return f"loading plugins from entry points {ENTRY_POINT_GROUP!r} failed: {type(exc).__name__}: {exc}"
+
+
+def collect_command_line_flags(
+    pm: pluggy.PluginManager, plugins: dict[str, PluginEntry]
+) -> list[CommandLineFlag]:
+    """Calls `agent_command_line_flags` on every registered module; checks each flag names an installed
+    plugin and is declared once."""
+    found: dict[str, CommandLineFlag] = {}
+    for impl in pm.hook.agent_command_line_flags.get_hookimpls():
+        try:
+            flags = impl.function()
+        except Exception as exc:
+            raise PluginLoadError(
+                f"plugin module {impl.plugin_name!r} failed to list its command-line flags: {exc}"
+            ) from exc
+        for flag in flags or ():
+            if not isinstance(flag, CommandLineFlag) or not flag.flag.startswith("--"):
+                raise PluginLoadError(
+                    f"plugin module {impl.plugin_name!r} returned {flag!r}, not a CommandLineFlag('--name', ...)"
+                )
+            if flag.plugin not in plugins:
+                raise PluginLoadError(
+                    f"plugin module {impl.plugin_name!r} declares {flag.flag} for {flag.plugin!r},"
+                    " which is not an installed plugin"
+                )
+            if flag.flag in found:
+                raise PluginLoadError(
+                    f"two plugins declare {flag.flag}: {found[flag.flag].plugin!r} and {flag.plugin!r}"
+                )
+            found[flag.flag] = flag
+    return list(found.values())
 
 
 def collect_plugins(pm: pluggy.PluginManager) -> dict[str, PluginEntry]:

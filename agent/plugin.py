@@ -224,6 +224,22 @@ class BatchBuilder:
         return batch
 
 
+@dataclass(frozen=True)
+class CommandLineFlag:
+    """A command-line flag that enables a plugin and sets one key of its table (see the hook
+    `agent_command_line_flags`)."""
+
+    #: The flag as typed, with its dashes: "--relay-out".
+    flag: str
+    #: The plugin it enables: "relay-client".
+    plugin: str
+    #: The key of `[plugins.PLUGIN]` that the flag's value sets: "relay_server".
+    key: str
+    #: What `agent --help` shows as the value: "HOST:PORT".
+    metavar: str = "VALUE"
+    help: str = ""
+
+
 @dataclass
 class Element:
     """An element added by a plugin, with the names used in logs, counters and `plugins list`."""
@@ -340,6 +356,7 @@ class Plugin(abc.ABC):
 
 __all__ = [
     "AckCallback",
+    "CommandLineFlag",
     "AutonomousSource",
     "BatchBuilder",
     "Duration",

@@ -269,6 +269,13 @@ def test_relay_flags_enable_their_plugins_without_a_table(tmp_path: Path) -> Non
     assert [name for name, on in enabled.items() if on == "yes"] == ["csv", "relay-client"]
 
 
+def test_help_lists_the_flags_that_plugins_declare(tmp_path: Path) -> None:
+    result = run(["--help"], tmp_path, env={**os.environ, "COLUMNS": "200"})
+    assert result.returncode == 0, result.stderr
+    assert "--relay-out" in result.stdout and "HOST:PORT" in result.stdout
+    assert "--relay-in" in result.stdout and "ADDR:PORT" in result.stdout
+
+
 def test_once_flushes_every_output_whatever_its_flush_interval(tmp_path: Path) -> None:
     write_config(
         tmp_path,

@@ -12,6 +12,8 @@ from agent.config import ConfigError, Overrides
 from agent.manager import PluginEntry
 from agent.plugin import OutputConfig, Plugin, PluginConfig
 from agent.units import Duration, Size, format_duration, parse_duration, parse_size
+from agent_plugins.relay.relay_client.plugin import RELAY_OUT_FLAG
+from agent_plugins.relay.relay_server.plugin import RELAY_IN_FLAG
 
 
 class RetryConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -181,7 +183,7 @@ def test_env_values_cannot_change_structure() -> None:
 
 def test_relay_flags_enable_their_plugin_without_a_table() -> None:
     cfg = resolve(
-        {"plugins": {"csv": {"enable": True}}}, Overrides(relay_out="10.1.2.3:50051", relay_in="0.0.0.0:6000")
+        {"plugins": {"csv": {"enable": True}}}, Overrides(plugin_flags=[(RELAY_OUT_FLAG, "10.1.2.3:50051"), (RELAY_IN_FLAG, "0.0.0.0:6000")])
     )
     assert cfg.plugins["relay-client"].relay_server == "10.1.2.3:50051"
     assert cfg.plugins["relay-server"].address == "0.0.0.0:6000"
@@ -207,7 +209,7 @@ def test_data_dir_is_relative_to_the_config_file() -> None:
 
 def test_a_bad_value_from_a_relay_flag_names_the_flag() -> None:
     with pytest.raises(ConfigError) as info:
-        resolve({}, Overrides(relay_in="bad-address"))
+        resolve({}, Overrides(plugin_flags=[(RELAY_IN_FLAG, "bad-address")]))
     assert str(info.value) == "--relay-in: expected HOST:PORT, got 'bad-address'"
     # The same value from the file names the table.
     with pytest.raises(ConfigError) as info:
@@ -215,7 +217,7 @@ def test_a_bad_value_from_a_relay_flag_names_the_flag() -> None:
     assert str(info.value) == "plugins.relay-server.address: expected HOST:PORT, got 'bad-address'"
     # Another bad key of a table that a flag enables is still named by its table.
     with pytest.raises(ConfigError, match=r"^plugins\.relay-client\.buffer_timeout: expected a duration"):
-        resolve({"plugins": {"relay-client": {"buffer_timeout": "soon"}}}, Overrides(relay_out="c:1"))
+        resolve({"plugins": {"relay-client": {"buffer_timeout": "soon"}}}, Overrides(plugin_flags=[(RELAY_OUT_FLAG, "c:1")]))
 
 
 def test_an_empty_plugins_flag_is_an_error() -> None:
@@ -283,7 +285,7 @@ def test_the_readme_config_is_valid_and_shows_the_defaults() -> None:
 
 def test_enabled_plugins_come_in_the_order_of_their_tables() -> None:
     # Installed order: relay-client, relay-server, csv. Transforms run in config order.
-    cfg = resolve({"plugins": {"csv": {}, "relay-server": {}}}, Overrides(relay_out="collector:1"))
+    cfg = resolve({"plugins": {"csv": {}, "relay-server": {}}}, Overrides(plugin_flags=[(RELAY_OUT_FLAG, "collector:1")]))
     assert list(cfg.plugins) == ["csv", "relay-server", "relay-client"]
 
 

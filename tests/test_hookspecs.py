@@ -9,7 +9,7 @@ import inspect
 import pytest
 
 from agent import hookspecs
-from agent.manager import build_plugin_manager, collect_plugins
+from agent.manager import build_plugin_manager, collect_command_line_flags, collect_plugins
 
 from .test_runtime import LifecycleRecorder, make_agent
 
@@ -43,6 +43,7 @@ def test_hook_is_exercised_by_a_test(name: str) -> None:
 async def test_an_agent_run_calls_every_hook() -> None:
     recorder = LifecycleRecorder()
     pm = build_plugin_manager([recorder], load_entry_points=False)
-    collect_plugins(pm)
+    # The CLI collects the flags before it parses the command line; the agent run calls the rest.
+    collect_command_line_flags(pm, collect_plugins(pm))
     await make_agent(["ticks", "collect"], pm).run(once=True, handle_signals=False)
     assert sorted(recorder.calls) == HOOKS

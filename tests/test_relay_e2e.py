@@ -38,7 +38,9 @@ from agent.testing import (
     source_element,
 )
 from agent_plugins.relay.relay_client.client import ClientSettings, RelayClient
+from agent_plugins.relay.relay_client.plugin import RELAY_OUT_FLAG
 from agent_plugins.relay.relay_client.store import DiskBuffer
+from agent_plugins.relay.relay_server.plugin import RELAY_IN_FLAG
 from agent_plugins.relay.relay_server.server import RelayServer, ServerSettings
 
 # -- in process --
@@ -192,7 +194,9 @@ async def test_a_tier_of_relays_keeps_the_node_names_and_the_metric_definitions(
                 },
                 plugins,
                 path=None,
-                overrides=Overrides(relay_in="127.0.0.1:0", relay_out=central.bound_addresses[0]),
+                overrides=Overrides(
+                    plugin_flags=[(RELAY_IN_FLAG, "127.0.0.1:0"), (RELAY_OUT_FLAG, central.bound_addresses[0])]
+                ),
             )
             rack = Agent(rack_config, plugins, pm)
             rack.start_plugins()

@@ -14,10 +14,11 @@ import trio
 from agent import config as config_mod
 from agent import hookimpl
 from agent.config import AgentConfig, AgentSection
-from agent.manager import PluginEntry, build_plugin_manager, collect_plugins
+from agent.manager import BUILTIN_PLUGIN_MODULES, PluginEntry, build_plugin_manager, collect_plugins
 from agent.model import LOCAL_MACHINE, LOCAL_MACHINE_CONSUMER
 from agent.plugin import (
     BatchBuilder,
+    CommandLineFlag,
     OutputConfig,
     Plugin,
     PluginConfig,
@@ -193,6 +194,11 @@ class LifecycleRecorder:
         return []
 
     @hookimpl
+    def agent_command_line_flags(self) -> list[CommandLineFlag]:
+        self.calls["agent_command_line_flags"] = {}
+        return []
+
+    @hookimpl
     def agent_pipeline_started(self, plugin_names: list[str], elements: list[Any]) -> None:
         self.calls["agent_pipeline_started"] = {"plugin_names": plugin_names, "elements": elements}
 
@@ -213,3 +219,43 @@ async def test_lifecycle_hooks_are_called_with_their_arguments() -> None:
     assert recorder.calls["agent_pipeline_stopped"] == {
         "counters": {"collect": {"received": 1, "written": 1, "dropped": 0, "queued": 0}}
     }
+
+
+class FlagDeclarer:
+    """A plugin module that declares command-line flags, for the tests below."""
+
+    def __init__(self, *flags: CommandLineFlag) -> None:
+        self.flags = list(flags)
+
+    @hookimpl
+    def agent_command_line_flags(self) -> list[CommandLineFlag]:
+        return self.flags
+
+
+def test_a_plugin_flag_enables_its_plugin_and_sets_its_key() -> None:
+    from agent.config import Overrides, resolve
+    from agent.manager import collect_command_line_flags
+
+    flag = CommandLineFlag("--sink-path", plugin="csv", key="path", metavar="FILE")
+    pm = build_plugin_manager(list(BUILTIN_PLUGIN_MODULES) + [FlagDeclarer(flag)], load_entry_points=False)
+    plugins = collect_plugins(pm)
+    flags = collect_command_line_flags(pm, plugins)
+    assert flag in flags and {f.flag for f in flags} >= {"--relay-out", "--relay-in"}
+    cfg = resolve({"plugins": {"system": {}}}, plugins, path=None, overrides=Overrides(plugin_flags=[(flag, "x.csv")]))
+    assert list(cfg.plugins) == ["system", "csv"]
+    assert cfg.plugins["csv"].path == "x.csv"
+
+
+@pytest.mark.parametrize(
+    ("flag", "message"),
+    [
+        (CommandLineFlag("--relay-out", plugin="csv", key="path"), "two plugins declare --relay-out"),
+        (CommandLineFlag("--to-nowhere", plugin="nowhere", key="x"), "'nowhere', which is not an installed plugin"),
+    ],
+)
+def test_a_bad_plugin_flag_is_a_load_error_naming_it(flag: CommandLineFlag, message: str) -> None:
+    from agent.manager import PluginLoadError, collect_command_line_flags
+
+    pm = build_plugin_manager(list(BUILTIN_PLUGIN_MODULES) + [FlagDeclarer(flag)], load_entry_points=False)
+    with pytest.raises(PluginLoadError, match=message):
+        collect_command_line_flags(pm, collect_plugins(pm))

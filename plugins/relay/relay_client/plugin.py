@@ -14,7 +14,7 @@ from typing import Annotated, Literal
 
 import msgspec
 
-from agent import Duration, OutputConfig, Plugin, Size, StartContext, StartupError, hookimpl
+from agent import CommandLineFlag, Duration, OutputConfig, Plugin, Size, StartContext, StartupError, hookimpl
 from agent.units import format_size
 from agent_plugins.relay.protocol.address import parse_address
 from agent_plugins.relay.protocol.framing import FRAME_SIZE_LIMIT
@@ -226,6 +226,21 @@ class RelayClientPlugin(Plugin):
             self._client.close_unused_store()
 
 
+#: `agent --relay-out collector:50051` on a monitored node: everything goes to that relay server.
+RELAY_OUT_FLAG = CommandLineFlag(
+    "--relay-out",
+    plugin="relay-client",
+    key="relay_server",
+    metavar="HOST:PORT",
+    help="Send measurements to this relay server (HOST:PORT).",
+)
+
+
 @hookimpl
 def agent_plugins() -> list[type[Plugin]]:
     return [RelayClientPlugin]
+
+
+@hookimpl
+def agent_command_line_flags() -> list[CommandLineFlag]:
+    return [RELAY_OUT_FLAG]

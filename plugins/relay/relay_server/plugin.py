@@ -11,7 +11,7 @@ from typing import Annotated
 
 import msgspec
 
-from agent import Duration, Plugin, PluginConfig, Size, StartContext, hookimpl
+from agent import CommandLineFlag, Duration, Plugin, PluginConfig, Size, StartContext, hookimpl
 from agent_plugins.relay.protocol.address import parse_address
 from agent_plugins.relay.protocol.framing import FRAME_SIZE_LIMIT
 
@@ -99,6 +99,21 @@ class RelayServerPlugin(Plugin):
         ctx.add_source(RelayServer(settings, ctx.registry, ssl_context))
 
 
+#: `agent --relay-in 0.0.0.0:50051` on a collector: receive from relay clients on that address.
+RELAY_IN_FLAG = CommandLineFlag(
+    "--relay-in",
+    plugin="relay-server",
+    key="address",
+    metavar="ADDR:PORT",
+    help="Receive measurements from relay clients on ADDR:PORT.",
+)
+
+
 @hookimpl
 def agent_plugins() -> list[type[Plugin]]:
     return [RelayServerPlugin]
+
+
+@hookimpl
+def agent_command_line_flags() -> list[CommandLineFlag]:
+    return [RELAY_IN_FLAG]

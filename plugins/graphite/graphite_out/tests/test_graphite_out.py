@@ -24,6 +24,7 @@ from agent_plugins.graphite.graphite_out.testing import FakeCarbon, graphite_bat
 from agent_plugins.graphite.protocol.badlines import RecentBadLines
 from agent_plugins.relay.relay_client.client import ClientSettings, RelayClient
 from agent_plugins.relay.relay_client.store import DiskBuffer
+from agent_plugins.relay.relay_server.plugin import RELAY_IN_FLAG
 
 SAMPLE = Path(__file__).resolve().parent.parent / "sample.toml"
 COLLECTOR_TO_CARBON = Path(__file__).resolve().parents[4] / "configs" / "collector-to-carbon.toml"
@@ -124,7 +125,7 @@ async def test_a_collector_started_with_relay_in_feeds_carbon(tmp_path):
             manager = build_plugin_manager()
             plugins = collect_plugins(manager)
             config = config_module.resolve(
-                document, plugins, path=COLLECTOR_TO_CARBON, overrides=Overrides(relay_in="127.0.0.1:0")
+                document, plugins, path=COLLECTOR_TO_CARBON, overrides=Overrides(plugin_flags=[(RELAY_IN_FLAG, "127.0.0.1:0")])
             )
             collector = Agent(config, plugins, manager)
             collector.start_plugins()
