@@ -27,9 +27,11 @@ def parse_address(text: str, *, default_port: int | None = None) -> tuple[str, i
 
     The host comes back without brackets. A missing port takes `default_port` (an error if None).
     """
+    # Examples in errors use the caller's port, so that they read as its own (the relay's 50051).
+    example = default_port or 2003
     stripped = text.strip()
     if not stripped:
-        raise AddressError('expected an address like "127.0.0.1:2003" or "[::]:2003", got ""')
+        raise AddressError(f'expected an address like "127.0.0.1:{example}" or "[::]:{example}", got ""')
     bracketed = _BRACKETED.match(stripped)
     if bracketed:
         host, port_text = bracketed.group(1), bracketed.group(2)
@@ -42,7 +44,7 @@ def parse_address(text: str, *, default_port: int | None = None) -> tuple[str, i
         try:
             ipaddress.IPv6Address(stripped.split("%", 1)[0])
         except ValueError:
-            raise AddressError(f'{text!r}: put an IPv6 address in brackets, like "[::1]:2003"') from None
+            raise AddressError(f'{text!r}: put an IPv6 address in brackets, like "[::1]:{example}"') from None
         host, port_text = stripped, None
     elif ":" in stripped:
         host, port_text = stripped.split(":", 1)
