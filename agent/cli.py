@@ -7,6 +7,13 @@ hook: any plugin can add a flag that enables it and sets one of its keys.)
     agent plugins list
     agent config regen
     agent exec -- CMD ARGS...
+    agent control list|status|pause|resume|set-period|poll|enable|disable|flush|stop|run ...
+    agent tap [--metric GLOB] [--limit N] [--format text|json]
+    agent top
+
+`agent control`, `tap` and `top` talk to a running agent through DATA_DIR/control.sock (found from the
+config as the agent finds it): exit 1 with one line when no agent answers there, 2 for an unknown
+element (the line lists the known ones) or a request that does not apply.
 
 Exit codes: 0 after a clean stop (SIGINT/SIGTERM drain, `--once`), 2 for config and usage errors
 (one line on stderr, no traceback), 1 when a plugin cannot start; `exec` exits with the command's code.
@@ -15,6 +22,7 @@ Exit codes: 0 after a clean stop (SIGINT/SIGTERM drain, `--once`), 2 for config 
 from __future__ import annotations
 
 import inspect
+import json
 import logging
 import os
 import sys
@@ -28,6 +36,8 @@ import typer
 from agent import __version__
 from agent import config as config_mod
 from agent.config import AgentConfig, ConfigError, Overrides
+from agent.control import socket_path as control_socket_path
+from agent.control_client import ControlClient, NoAgent, RequestFailed
 from agent.errors import StartupError, describe_exception
 from agent.manager import (
     PluginEntry,
@@ -51,8 +61,16 @@ app = typer.Typer(
 )
 plugins_app = typer.Typer(help="Inspect installed plugins.", no_args_is_help=True)
 config_app = typer.Typer(help="Manage the config file.", no_args_is_help=True)
+control_app = typer.Typer(
+    help="Control a running agent through its socket, DATA_DIR/control.sock.", no_args_is_help=True
+)
 app.add_typer(plugins_app, name="plugins")
 app.add_typer(config_app, name="config")
+app.add_typer(control_app, name="control")
+
+ConfigOption = Annotated[
+    Path | None, typer.Option("--config", "-c", help="The TOML config file (as for the agent itself).")
+]
 
 
 class Options:
@@ -159,7 +177,7 @@ def run_agent(options: Options, *, once: bool = False, command: list[str] | None
     cfg = load_config(options, plugins)
     if options.log_level is None:
         setup_logging(cfg.agent.log_level)
-    agent = Agent(cfg, plugins, pm)
+    agent = Agent(cfg, plugins, pm, control=True)
     try:
         agent.start_plugins()
     except PluginStartError as exc:
@@ -300,6 +318,200 @@ def register_main_callback(flags: list[CommandLineFlag]) -> None:
     callback.__annotations__ = {p.name: p.annotation for p in parameters} | {"return": None}
     callback.__doc__ = main_callback.__doc__
     app.callback()(callback)
+
+
+# -- talking to a running agent --
+
+
+def _client(ctx: typer.Context, config: Path | None) -> ControlClient:
+    options: Options = ctx.obj
+    if config is not None:
+        options.config_path = config
+    _, plugins = discover()
+    cfg = load_config(options, plugins, create=False)
+    return ControlClient(control_socket_path(cfg.data_dir))
+
+
+def _request(client: ControlClient, action: str, **fields: object) -> dict:
+    try:
+        return client.request(action, **fields)
+    except NoAgent as exc:
+        raise fail(f"agent control: {exc}", 1) from None
+    except RequestFailed as exc:
+        raise fail(f"agent control: {exc}", 2) from None
+
+
+def _echo_element(element: dict) -> None:
+    line = f"{element['name']}: {element['state']}"
+    if "poll_interval" in element:
+        line += f" (poll_interval {element['poll_interval']}, flush_interval {element['flush_interval']})"
+    typer.echo(line)
+
+
+@control_app.callback()
+def control_callback(ctx: typer.Context, config: ConfigOption = None) -> None:
+    if config is not None:
+        ctx.obj.config_path = config
+
+
+@control_app.command("list")
+def control_list(ctx: typer.Context, config: ConfigOption = None) -> None:
+    """One element per line: its name, its kind and its state (running, paused, disabled, stopped)."""
+    elements = _request(_client(ctx, config), "list")["elements"]
+    width = max((len(e["name"]) for e in elements), default=0)
+    for e in elements:
+        typer.echo(f"{e['name'].ljust(width)}  {e['kind'].ljust(9)}  {e['state']}")
+
+
+@control_app.command("status")
+def control_status(ctx: typer.Context, config: ConfigOption = None) -> None:
+    """Everything the status page shows, as JSON: elements, counters, rates, plugins' sections."""
+    answer = _request(_client(ctx, config), "status")
+    answer.pop("ok", None)
+    typer.echo(json.dumps(answer, indent=2))
+
+
+def _element_command(action: str, help_text: str) -> None:
+    def command(
+        ctx: typer.Context,
+        element: Annotated[
+            str, typer.Argument(help="The element's name, as `agent control list` prints it.")
+        ],
+        config: ConfigOption = None,
+    ) -> None:
+        _echo_element(_request(_client(ctx, config), action, element=element)["element"])
+
+    command.__doc__ = help_text
+    control_app.command(action)(command)
+
+
+_element_command("pause", "Pause a source: a polled one skips its polls, an autonomous one's sends wait.")
+_element_command("resume", "Resume a paused source.")
+_element_command("poll", "Poll a polled source now and send its points on at once.")
+_element_command("enable", "Enable an output (it writes the points that arrive from now on) or a transform.")
+_element_command("disable", "Disable an output (its points are dropped and counted) or a transform.")
+
+
+@control_app.command("set-period")
+def control_set_period(
+    ctx: typer.Context,
+    element: Annotated[str, typer.Argument(help="A polled source, as `agent control list` names it.")],
+    duration: Annotated[str, typer.Argument(help='The new poll interval, e.g. "500ms".')],
+    flush: Annotated[
+        str | None, typer.Option("--flush", help="Also set the flush interval (raised to the poll interval).")
+    ] = None,
+    config: ConfigOption = None,
+) -> None:
+    """Set a polled source's poll interval, at once (a pending wait is cut short); not saved to the file."""
+    args = {"poll_interval": duration}
+    if flush is not None:
+        args["flush_interval"] = flush
+    _echo_element(_request(_client(ctx, config), "set-period", element=element, args=args)["element"])
+
+
+@control_app.command("flush")
+def control_flush(ctx: typer.Context, config: ConfigOption = None) -> None:
+    """Every polled source sends the points it holds now."""
+    _request(_client(ctx, config), "flush")
+    typer.echo("flushed")
+
+
+@control_app.command("stop")
+def control_stop(ctx: typer.Context, config: ConfigOption = None) -> None:
+    """Stop the agent as SIGTERM does: sources stop, outputs write what is buffered."""
+    _request(_client(ctx, config), "stop")
+    typer.echo("stopping")
+
+
+@control_app.command("run")
+def control_run(
+    ctx: typer.Context,
+    section: Annotated[str, typer.Argument(help="A plugin's status section, as `status` names it.")],
+    command: Annotated[str, typer.Argument(help="One of the section's commands.")],
+    arguments: Annotated[str, typer.Argument(help="The command's arguments as a JSON object.")] = "{}",
+    config: ConfigOption = None,
+) -> None:
+    """Run a command that a plugin adds (see the `commands` of its section in `agent control status`)."""
+    try:
+        args = json.loads(arguments)
+    except json.JSONDecodeError as exc:
+        raise fail(f"agent control: arguments: not JSON: {exc}") from None
+    result = _request(_client(ctx, config), "run", section=section, command=command, args=args)["result"]
+    typer.echo(json.dumps(result, indent=2))
+
+
+@app.command("tap")
+def tap_command(
+    ctx: typer.Context,
+    metric: Annotated[str, typer.Option("--metric", help="Only metrics matching this glob.")] = "*",
+    limit: Annotated[int, typer.Option("--limit", help="Exit after this many points (0: until Ctrl-C).")] = 0,
+    output_format: Annotated[
+        str, typer.Option("--format", help="text or json (one object per line).")
+    ] = "text",
+    config: ConfigOption = None,
+) -> None:
+    """Print points as they flow through a running agent, after the transforms. The tap never slows the
+    agent: when this terminal is slower, points are dropped, and how many is said on stderr."""
+    if output_format not in ("text", "json"):
+        raise fail(f"tap: --format: expected text or json, got {output_format!r}")
+    client = _client(ctx, config)
+    client.timeout = None
+    printed = dropped = 0
+    code = 0
+    try:
+        for message in client.tap(metric):
+            if "dropped" in message:
+                dropped = int(message["dropped"])
+                continue
+            point = message.get("point")
+            if not isinstance(point, dict):
+                continue
+            typer.echo(json.dumps(point) if output_format == "json" else format_tap_text(point))
+            printed += 1
+            if limit and printed >= limit:
+                break
+        else:
+            typer.echo("tap: the agent stopped", err=True)
+    except NoAgent as exc:
+        raise fail(f"agent tap: {exc}", 1) from None
+    except RequestFailed as exc:
+        raise fail(f"agent tap: {exc}", 2) from None
+    except KeyboardInterrupt:
+        code = 0
+    typer.echo(
+        f"tap: {printed} points printed, {dropped} dropped by the tap (the reader was slower than the agent)",
+        err=True,
+    )
+    raise typer.Exit(code)
+
+
+def format_tap_text(point: dict) -> str:
+    """timestamp metric{attributes} value resource[:id] [consumer[:id]]"""
+    attrs = point.get("attributes") or {}
+    labels = "{" + ",".join(f"{k}={v}" for k, v in attrs.items()) + "}" if attrs else ""
+    where = point.get("resource", "")
+    if point.get("resource_id"):
+        where += f":{point['resource_id']}"
+    if point.get("consumer"):
+        where += f" {point['consumer']}" + (f":{point['consumer_id']}" if point.get("consumer_id") else "")
+    return f"{point['timestamp']} {point['metric']}{labels} {point['value']} {where}".rstrip()
+
+
+@app.command("top")
+def top_command(
+    ctx: typer.Context,
+    interval: Annotated[float, typer.Option("--interval", help="Seconds between refreshes.")] = 1.0,
+    config: ConfigOption = None,
+) -> None:
+    """A live view of a running agent: elements, rates, queues, drops, plugins' sections. `q` quits."""
+    from agent.top import run_top
+
+    client = _client(ctx, config)
+    try:
+        client.request("status")
+    except NoAgent as exc:
+        raise fail(f"agent top: {exc}", 1) from None
+    raise typer.Exit(run_top(client, max(0.1, interval)))
 
 
 def main() -> None:

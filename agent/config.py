@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import collections.abc
 import enum
+import ipaddress
 import logging
 import os
 import re
@@ -29,6 +30,7 @@ from typing import Any, Literal
 import msgspec
 
 from agent.manager import PluginEntry
+from agent.net import AddressError, parse_address
 from agent.plugin import CommandLineFlag
 from agent.units import Duration, decode_config_value, encode_config_value
 
@@ -65,6 +67,34 @@ class AgentSection(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     source_channel_size: int = 64
     # Overridden by --log-level.
     log_level: LogLevel = "info"
+    # The control API and status page over HTTP, e.g. "127.0.0.1:8090"; empty: off (the Unix socket
+    # DATA_DIR/control.sock is always on). An address other than loopback needs http_token.
+    http: str = ""
+    # With a token, every HTTP request needs the header "Authorization: Bearer TOKEN".
+    http_token: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.http:
+            return
+        try:
+            host, _ = parse_address(self.http)
+        except AddressError as exc:
+            raise ValueError(f"http: {exc}") from None
+        if not self.http_token and not is_loopback(host):
+            raise ValueError(
+                f"http_token: required when http is not a loopback address (http = {self.http!r});"
+                " anyone who reaches it could stop the agent"
+            )
+
+
+def is_loopback(host: str) -> bool:
+    """True for "localhost" and loopback addresses (127.0.0.0/8, ::1); wildcards are not loopback."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.split("%", 1)[0]).is_loopback
+    except ValueError:
+        return False
 
 
 @dataclass

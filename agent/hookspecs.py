@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import pluggy
 
 if TYPE_CHECKING:
-    from agent.plugin import CommandLineFlag, Plugin
+    from agent.plugin import CommandLineFlag, ControlSection, Plugin
 
 PROJECT_NAME = "agent"
 hookspec = pluggy.HookspecMarker(PROJECT_NAME)
@@ -71,4 +71,19 @@ def agent_pipeline_stopped(counters: dict[str, dict[str, int]]) -> None:
 
     `counters` maps each output's name to its `received`, `written`, `dropped` and `queued` points.
     Every implementation is called; results are ignored.
+    """
+
+
+# -- operator's view --
+
+
+@hookspec
+def agent_control_sections(plugins: dict[str, Plugin]) -> list[ControlSection]:
+    """Called once when the agent runs, after every plugin started and before the pipeline starts.
+
+    `plugins` maps each enabled plugin's name to its started `agent.plugin.Plugin` instance: find yours
+    by its name (the hook is called for every implementation, not only the one of a plugin in use).
+    Return the `agent.plugin.ControlSection`s it contributes (status rows and commands shown by
+    `agent control status`, the status page and `agent top`, and run with `agent control run`), or an
+    empty list. Every result is collected, in registration order.
     """

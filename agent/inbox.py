@@ -125,6 +125,11 @@ class OutputInbox:
         self._queued_points += envelope.points
         self._notify()
 
+    def refuse(self, envelope: Envelope, reason: str) -> None:
+        """Counts the envelope as received and dropped without queueing it (a disabled output)."""
+        self.counters.received += envelope.points
+        self._drop(envelope, reason)
+
     def close(self) -> None:
         self._closed = True
         self._notify()

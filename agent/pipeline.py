@@ -40,7 +40,7 @@ from agent.plugin import (
     SourceSink,
     Transform,
 )
-from agent.tasks import supervise
+from agent.tasks import ChangeNotifier, supervise
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +56,23 @@ class SourceState:
     polls: int = 0
     errors: int = 0
     points: int = 0
+    last_error: str = ""
+    # -- runtime control (agent.control): a polled source re-reads these whenever `changed` fires --
+    paused: bool = False
+    poll_now: bool = False
+    flush_now: bool = False
+    #: When the next scheduled poll is due (trio clock), and when the last one was.
+    next_poll: float = 0.0
+    last_tick: float = 0.0
+    changed: ChangeNotifier = field(default_factory=ChangeNotifier)
+
+
+@dataclass
+class TransformState:
+    element: Element
+    enabled: bool = True
+    errors: int = 0
+    last_error: str = ""
 
 
 @dataclass
@@ -68,6 +85,7 @@ class Pipeline:
     restart_backoff: tuple[float, float] = (1.0, 60.0)
     inboxes: dict[str, OutputInbox] = field(default_factory=dict)
     sources: dict[str, SourceState] = field(default_factory=dict)
+    transform_states: dict[str, TransformState] = field(default_factory=dict)
     transform_errors: int = 0
     invalid_series: int = 0
 
@@ -75,6 +93,14 @@ class Pipeline:
         self.transforms: list[tuple[str, Transform]] = [
             (e.full_name, e.obj) for e in self.elements if e.kind == "transform"
         ]
+        self.transform_states = {
+            e.full_name: TransformState(e) for e in self.elements if e.kind == "transform"
+        }
+        #: The transforms that run (all but the disabled ones) and the outputs that take points.
+        self._active_transforms = list(self.transforms)
+        self.disabled_outputs: set[str] = set()
+        #: Taps (`agent tap`): each gets every batch after the transforms, without ever waiting.
+        self.taps: list[Tap] = []
         self.outputs: list[tuple[Element, OutputInbox]] = []
         for e in self.elements:
             if e.kind == "output":
@@ -106,6 +132,59 @@ class Pipeline:
         """Asks the pipeline to stop: sources flush and stop, outputs drain (see `run`)."""
         self._final_poll = self._final_poll or final_poll
         self._stop_sources.set()
+        for state in self.sources.values():
+            state.changed.notify()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop_sources.is_set()
+
+    # -- runtime control (the requests of agent.control; each takes effect at once) --
+
+    def set_paused(self, name: str, paused: bool) -> None:
+        """A paused polled source skips its polls; a paused autonomous source's sends wait."""
+        state = self.sources[name]
+        state.paused = paused
+        state.changed.notify()
+
+    def set_intervals(self, name: str, poll_interval: float, flush_interval: float | None = None) -> None:
+        """Changes a polled source's intervals; a pending wait is cut short (the next poll is due
+        `poll_interval` after the last one). `flush_interval` None keeps it, raised to the poll
+        interval if shorter."""
+        state = self.sources[name]
+        source: PolledSource = state.element.obj
+        source.poll_interval = poll_interval
+        if flush_interval is not None:
+            source.flush_interval = flush_interval
+        if source.flush_interval and source.flush_interval < poll_interval:
+            source.flush_interval = poll_interval
+        state.next_poll = state.last_tick + poll_interval
+        state.changed.notify()
+
+    def poll_now(self, name: str) -> None:
+        """The polled source polls now (paused or not) and sends what it holds at once."""
+        state = self.sources[name]
+        state.poll_now = True
+        state.changed.notify()
+
+    def flush_sources(self) -> None:
+        """Every polled source sends the points it holds now, without waiting for its flush interval."""
+        for state in self.sources.values():
+            state.flush_now = True
+            state.changed.notify()
+
+    def set_transform_enabled(self, name: str, enabled: bool) -> None:
+        """A disabled transform is skipped: batches go on unchanged."""
+        self.transform_states[name].enabled = enabled
+        self._active_transforms = [(n, t) for n, t in self.transforms if self.transform_states[n].enabled]
+
+    def set_output_enabled(self, name: str, enabled: bool) -> None:
+        """A disabled output's points are dropped and counted as dropped; `enable` writes what comes
+        from then on."""
+        if enabled:
+            self.disabled_outputs.discard(name)
+        else:
+            self.disabled_outputs.add(name)
 
     def sink(self) -> SourceSink:
         """A sink into the pipeline, for autonomous sources and tests."""
@@ -216,11 +295,19 @@ class Pipeline:
         source: AutonomousSource,
         task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        def count(_: BaseException) -> None:
+        def count(exc: BaseException) -> None:
             state.errors += 1
+            state.last_error = describe_exception(exc)
+
+        async def send(batch: Batch, on_done: AckCallback | None) -> None:
+            # Paused: the source's sends wait (back-pressure to its peers) until it is resumed.
+            while state.paused and not self._stop_sources.is_set():
+                await state.changed.wait()
+            state.points += len(batch)
+            await self._send(batch, on_done)
 
         await self._run_element(
-            f"source {name}", partial(source.run, self.sink()), on_failure=count, task_status=task_status
+            f"source {name}", partial(source.run, SourceSink(send)), on_failure=count, task_status=task_status
         )
 
     async def _run_services(self, task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED) -> None:
@@ -241,20 +328,33 @@ class Pipeline:
 
     async def _polled_loop(self, state: SourceState, once: bool) -> None:
         source: PolledSource = state.element.obj
-        poll_interval = max(float(source.poll_interval), 1e-6)
-        flush_every = max(1, round(float(source.flush_interval) / poll_interval))
         builder = BatchBuilder()
         # The first poll goes out at once, so that a new agent shows points at once; then every
         # `flush_every` polls.
-        polls_since_flush = flush_every - 1
-        next_poll = trio.current_time()
+        polls_since_flush = _flush_every(source) - 1
+        state.next_poll = trio.current_time()
         try:
             while True:
-                await self._poll_once(state, builder)
-                polls_since_flush += 1
-                if once:
-                    break
-                if polls_since_flush >= flush_every and len(builder):
+                # Control requests (agent.control) set flags and wake this loop; the intervals are
+                # read again on every round, so that a new period applies at once.
+                poll_interval = max(float(source.poll_interval), 1e-6)
+                now = trio.current_time()
+                scheduled = now >= state.next_poll
+                poll_now, state.poll_now = state.poll_now, False
+                flush_now, state.flush_now = state.flush_now, False
+                if scheduled or poll_now:
+                    if not state.paused or poll_now:
+                        await self._poll_once(state, builder)
+                        polls_since_flush += 1
+                    if once:
+                        break
+                    if scheduled:
+                        state.last_tick = state.next_poll
+                        state.next_poll += poll_interval
+                        now = trio.current_time()
+                        if state.next_poll < now:  # we fell behind (slow poll): skip missed ticks
+                            state.next_poll = now + (poll_interval - (now - state.next_poll) % poll_interval)
+                if len(builder) and (polls_since_flush >= _flush_every(source) or poll_now or flush_now):
                     polls_since_flush = 0
                     batch = builder.take()
                     try:
@@ -265,12 +365,9 @@ class Pipeline:
                         for series in batch.series:
                             builder.add_series(series)
                         raise
-                next_poll += poll_interval
-                now = trio.current_time()
-                if next_poll < now:  # we fell behind (slow poll): skip missed ticks, do not burst
-                    next_poll = now + (poll_interval - (now - next_poll) % poll_interval)
-                with trio.move_on_at(next_poll):
-                    await self._stop_sources.wait()
+                if not (self._stop_sources.is_set() or state.poll_now or state.flush_now):
+                    with trio.move_on_at(state.next_poll):
+                        await state.changed.wait()
                 if self._stop_sources.is_set():
                     if self._final_poll:
                         await self._poll_once(state, builder)
@@ -297,6 +394,7 @@ class Pipeline:
             await state.element.obj.poll(builder, now_ns())
         except Exception as exc:
             state.errors += 1
+            state.last_error = describe_exception(exc)
             # The 1st, 2nd, 4th, 8th... failure: a source that fails every poll stays visible without
             # a line per poll.
             if state.errors & (state.errors - 1) == 0:
@@ -360,12 +458,14 @@ class Pipeline:
             async for batch, callback in self._receive_channel:
                 if not all(_well_formed(s) for s in batch.series):
                     batch = self._without_malformed(batch)
-                for name, transform in self.transforms:
+                for name, transform in self._active_transforms:
                     try:
                         result = transform.apply(batch)
                     except Exception as exc:
                         # A broken transform must not lose data: the batch goes on unchanged.
                         self.transform_errors += 1
+                        self.transform_states[name].errors += 1
+                        self.transform_states[name].last_error = describe_exception(exc)
                         log.error(
                             "transform %s failed, batch passed on unchanged: %s",
                             name,
@@ -378,13 +478,20 @@ class Pipeline:
                         break
                     batch = result
                 points = len(batch)
+                if self.taps and points:
+                    for tap in self.taps:
+                        tap.offer(batch)
                 if points == 0 or not inboxes:
                     if callback is not None:
                         callback(True)
                     continue
                 tracker = BatchTracker(len(inboxes), callback) if callback is not None else None
+                disabled = self.disabled_outputs
                 for inbox in inboxes:
-                    await inbox.put(Envelope(batch, points, tracker, inbox))
+                    if disabled and inbox.name in disabled:
+                        inbox.refuse(Envelope(batch, points, tracker, inbox), "the output is disabled")
+                    else:
+                        await inbox.put(Envelope(batch, points, tracker, inbox))
 
     def _without_malformed(self, batch: Batch) -> Batch:
         """Drops series whose columns differ in length: no output could write them, and one poison
@@ -431,6 +538,34 @@ class Pipeline:
                 )
             )
         return Batch(series)
+
+
+def _flush_every(source: PolledSource) -> int:
+    """Polls per batch: the flush interval in whole polls (at least one)."""
+    return max(1, round(float(source.flush_interval) / max(float(source.poll_interval), 1e-6)))
+
+
+class Tap:
+    """A bounded queue of the points that flow after the transforms, for `agent tap`: `offer` never
+    waits; what does not fit is counted in `dropped` (the pipeline must never slow down for a viewer)."""
+
+    def __init__(self, accept: Callable[[str], bool], max_points: int = 10_000) -> None:
+        self.accept = accept
+        self.dropped = 0
+        self.send, self.receive = trio.open_memory_channel[tuple[Series, int]](max(1, max_points))
+
+    def offer(self, batch: Batch) -> None:
+        for series in batch.series:
+            metric = series.metric
+            if isinstance(metric, str) and not self.accept(metric):
+                continue
+            for i in range(len(series.timestamps)):
+                if not isinstance(metric, str) and not self.accept(metric[i]):
+                    continue
+                try:
+                    self.send.send_nowait((series, i))
+                except trio.WouldBlock:
+                    self.dropped += 1
 
 
 SELF_METRICS: Sequence[tuple[str, str, str]] = (

@@ -315,6 +315,22 @@ class StartContext:
         return self.config_dir / expanded
 
 
+@dataclass
+class ControlSection:
+    """What a plugin shows in the agent's status (`agent control status`, the status page, `agent top`)
+    and the commands it adds to the control API; returned by the `agent_control_sections` hook.
+
+    `status` returns the section's rows now (one dict per row, the same keys in every row, values that
+    JSON can carry: strings, numbers, booleans). `commands` maps a command name to a function that takes
+    the request's arguments (a dict) and returns a JSON-able result; it runs in the agent's trio thread
+    and must not block. A command that raises ValueError answers with its message as the error.
+    """
+
+    name: str
+    status: Callable[[], list[dict[str, Any]]]
+    commands: dict[str, Callable[[dict[str, Any]], Any]] = field(default_factory=dict)
+
+
 class Plugin(abc.ABC):
     """Base class of every plugin. Subclasses set the class attributes and implement `start`."""
 
@@ -359,6 +375,7 @@ __all__ = [
     "CommandLineFlag",
     "AutonomousSource",
     "BatchBuilder",
+    "ControlSection",
     "Duration",
     "Element",
     "Output",

@@ -41,8 +41,16 @@ class Agent:
         config: AgentConfig,
         plugins: dict[str, PluginEntry],
         pm: pluggy.PluginManager | None = None,
+        *,
+        control: bool = False,
     ) -> None:
+        """With `control`, `run` serves the control API (agent.control): the Unix socket
+        `DATA_DIR/control.sock`, and HTTP when `[agent] http` is set. The CLI's agent does."""
         self.config = config
+        self.control = control
+        #: The running Controller (with `control`), and the HTTP address it is bound to.
+        self.controller: Any = None
+        self.http_address: str | None = None
         self.available = plugins
         self.pm = pm
         self.registry = MetricRegistry()
@@ -119,6 +127,9 @@ class Agent:
                     )
                     finished.set()
 
+                sections = self._collect_sections()
+                if self.control:
+                    await self._start_control(nursery, pipeline, sections)
                 await nursery.start(run_pipeline)
                 self._hook(
                     "agent_pipeline_started", plugin_names=list(self.started), elements=list(self.elements)
@@ -129,6 +140,36 @@ class Agent:
                 nursery.cancel_scope.cancel()
         finally:
             self.stop_plugins()
+
+    def _collect_sections(self) -> list[Any]:
+        """The plugins' status sections and commands (hook `agent_control_sections`)."""
+        if self.pm is None:
+            return []
+        try:
+            results = self.pm.hook.agent_control_sections(plugins=dict(self.started))
+        except Exception as exc:
+            log.error("hook agent_control_sections failed: %s", describe_exception(exc))
+            return []
+        return [section for result in results for section in result or []]
+
+    async def _start_control(self, nursery: trio.Nursery, pipeline: Pipeline, sections: list[Any]) -> None:
+        """The control API's servers, as core tasks: bound before the pipeline starts, so that a path
+        that is too long or a port in use is a start error (exit 1) naming it."""
+        from agent import control
+        from agent.control_http import serve_http
+
+        self.controller = control.Controller(pipeline, stop=pipeline.stop, sections=sections)
+        await nursery.start(
+            control.serve_control_socket, self.controller, control.socket_path(self.config.data_dir)
+        )
+        agent_section = self.config.agent
+        if agent_section.http:
+            try:
+                self.http_address = await nursery.start(
+                    serve_http, self.controller, agent_section.http, agent_section.http_token
+                )
+            except OSError as exc:
+                raise StartupError(f"[agent] http: {exc.strerror or exc}") from None
 
     def stop(self, final_poll: bool = False) -> None:
         if self.pipeline is not None:

@@ -206,6 +206,11 @@ class LifecycleRecorder:
     def agent_pipeline_stopped(self, counters: dict[str, dict[str, int]]) -> None:
         self.calls["agent_pipeline_stopped"] = {"counters": counters}
 
+    @hookimpl
+    def agent_control_sections(self, plugins: dict[str, Plugin]) -> list[Any]:
+        self.calls["agent_control_sections"] = {"plugins": plugins}
+        return []
+
 
 async def test_lifecycle_hooks_are_called_with_their_arguments() -> None:
     recorder = LifecycleRecorder()
@@ -216,6 +221,7 @@ async def test_lifecycle_hooks_are_called_with_their_arguments() -> None:
     started = recorder.calls["agent_pipeline_started"]
     assert started["plugin_names"] == ["ticks", "collect"]
     assert [(e.plugin, e.kind) for e in started["elements"]] == [("ticks", "source"), ("collect", "output")]
+    assert list(recorder.calls["agent_control_sections"]["plugins"]) == ["ticks", "collect"]
     assert recorder.calls["agent_pipeline_stopped"] == {
         "counters": {"collect": {"received": 1, "written": 1, "dropped": 0, "queued": 0}}
     }
