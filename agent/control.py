@@ -116,7 +116,8 @@ class Controller:
             if element.full_name == name:
                 return element
         raise ControlError(
-            "unknown-element", f"unknown element {name!r}; known: {', '.join(self.names()) or 'none'}",
+            "unknown-element",
+            f"unknown element {name!r}; known: {', '.join(self.names()) or 'none'}",
             self.names(),
         )
 
@@ -169,7 +170,7 @@ class Controller:
         }
         rate_in, rate_out = self.rates.get(name, (0.0, 0.0))
         if element.kind in ("source", "output"):
-            info["rates"] = {"in": rate_in, "out": rate_out}
+            info["rates"] = {"in": round(rate_in, 2), "out": round(rate_out, 2)}
         if element.kind == "source":
             state = self.pipeline.sources[name]
             info["last_error"] = state.last_error
@@ -184,7 +185,10 @@ class Controller:
                         ("flush_interval", flush, configured[1]),
                     ):
                         if now != then:
-                            info["changed"][key] = {"config": _duration_text(then), "now": _duration_text(now)}
+                            info["changed"][key] = {
+                                "config": _duration_text(then),
+                                "now": _duration_text(now),
+                            }
             if state.paused:
                 info["changed"]["state"] = {"config": "running", "now": "paused"}
         elif element.kind == "output":
@@ -211,7 +215,9 @@ class Controller:
             except Exception as exc:
                 rows, error = [], describe_exception(exc)
                 log.debug("status section %s failed", section.name, exc_info=True)
-            sections.append({"name": section.name, "rows": rows, "commands": list(section.commands), "error": error})
+            sections.append(
+                {"name": section.name, "rows": rows, "commands": list(section.commands), "error": error}
+            )
         return {
             "protocol": PROTOCOL_VERSION,
             "pid": os.getpid(),
@@ -220,6 +226,7 @@ class Controller:
             "elements": self.elements(),
             "sections": sections,
             "invalid_series": self.pipeline.invalid_series,
+            "taps": [{"dropped": tap.dropped} for tap in self.pipeline.taps],
         }
 
     # -- requests --
@@ -228,7 +235,9 @@ class Controller:
         """Does one element action; returns the element's new description."""
         args = args or {}
         if action not in ELEMENT_ACTIONS:
-            raise ControlError("bad-request", f"unknown action {action!r}; known: {', '.join(ELEMENT_ACTIONS)}")
+            raise ControlError(
+                "bad-request", f"unknown action {action!r}; known: {', '.join(ELEMENT_ACTIONS)}"
+            )
         element = self._element(name)
         p = self.pipeline
         kind = element.kind
@@ -482,7 +491,9 @@ async def _serve_connection(controller: Controller, stream: trio.SocketStream) -
         newline = buffer.find(b"\n")
         if newline < 0:
             if len(buffer) > MAX_REQUEST:
-                await stream.send_all(_line({"ok": False, "error": "request too long", "code": "bad-request"}))
+                await stream.send_all(
+                    _line({"ok": False, "error": "request too long", "code": "bad-request"})
+                )
                 return
             data = await stream.receive_some(65536)
             if not data:

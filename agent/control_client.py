@@ -50,7 +50,9 @@ class ControlClient:
             raise NoAgent(f"no agent running at {self.path} (nothing listens on the socket)") from None
         except PermissionError:
             sock.close()
-            raise NoAgent(f"cannot connect to {self.path}: permission denied (run as the agent's user)") from None
+            raise NoAgent(
+                f"cannot connect to {self.path}: permission denied (run as the agent's user)"
+            ) from None
         except OSError as exc:
             sock.close()
             raise NoAgent(f"cannot connect to {self.path}: {exc.strerror or exc}") from None
@@ -63,13 +65,17 @@ class ControlClient:
                 sock.sendall(_encoder.encode({"action": action, **fields}) + b"\n")
                 answer = _read_line(sock.makefile("rb"))
             except TimeoutError:
-                raise NoAgent(f"the agent at {self.path} did not answer within {self.timeout:.0f} s") from None
+                raise NoAgent(
+                    f"the agent at {self.path} did not answer within {self.timeout:.0f} s"
+                ) from None
             except OSError as exc:
                 raise NoAgent(f"the agent at {self.path} hung up: {exc.strerror or exc}") from None
         if answer is None:
             raise NoAgent(f"the agent at {self.path} hung up without answering")
         if not answer.get("ok"):
-            raise RequestFailed(str(answer.get("error")), str(answer.get("code")), list(answer.get("known") or []))
+            raise RequestFailed(
+                str(answer.get("error")), str(answer.get("code")), list(answer.get("known") or [])
+            )
         return answer
 
     def tap(self, metric: str = "*") -> Iterator[dict[str, Any]]:

@@ -101,7 +101,12 @@ class HttpControl:
                 return _json(404, {"ok": False, "error": f"unknown action {action!r}"})
         elif path.startswith("/api/sections/") and path.count("/") >= 4:
             section, _, command = path[len("/api/sections/") :].rpartition("/")
-            request = {"action": "run", "section": unquote(section), "command": unquote(command), "args": args}
+            request = {
+                "action": "run",
+                "section": unquote(section),
+                "command": unquote(command),
+                "args": args,
+            }
         else:
             return _json(404, {"ok": False, "error": f"no such resource: {path}"})
         answer = c.handle(request)
