@@ -88,6 +88,9 @@ class Pipeline:
     transform_states: dict[str, TransformState] = field(default_factory=dict)
     transform_errors: int = 0
     invalid_series: int = 0
+    #: What each output, service and autonomous source passed to `task_status.started` (its bound
+    #: addresses, typically), by element name; None is left out. Complete once `run` reported started.
+    ready: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.transforms: list[tuple[str, Transform]] = [
@@ -258,6 +261,7 @@ class Pipeline:
         label: str,
         run: Callable[..., Awaitable[Any]],
         *,
+        name: str,
         on_failure: Callable[[BaseException], None] | None = None,
         task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED,
     ) -> None:
@@ -270,9 +274,11 @@ class Pipeline:
             nonlocal ready
             try:
                 async with trio.open_nursery() as nursery:
-                    await nursery.start(run)
+                    value = await nursery.start(run)
                     if not ready:
                         ready = True
+                        if value is not None:
+                            self.ready[name] = value
                         task_status.started()
             except Exception as exc:
                 if not ready:
@@ -307,14 +313,22 @@ class Pipeline:
             await self._send(batch, on_done)
 
         await self._run_element(
-            f"source {name}", partial(source.run, SourceSink(send)), on_failure=count, task_status=task_status
+            f"source {name}",
+            partial(source.run, SourceSink(send)),
+            name=name,
+            on_failure=count,
+            task_status=task_status,
         )
 
     async def _run_services(self, task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
             for element in self.services:
                 service: Service = element.obj
-                await nursery.start(partial(self._run_element, f"service {element.full_name}", service.run))
+                await nursery.start(
+                    partial(
+                        self._run_element, f"service {element.full_name}", service.run, name=element.full_name
+                    )
+                )
             task_status.started()
             await trio.sleep_forever()
 
@@ -448,6 +462,7 @@ class Pipeline:
         await self._run_element(
             f"output {inbox.name}",
             run,
+            name=inbox.name,
             on_failure=lambda _: inbox.requeue_taken(),
             task_status=task_status,
         )

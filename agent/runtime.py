@@ -2,7 +2,9 @@
 
 This is where the config, the plugins and the pipeline meet: `Agent.start_plugins` calls each plugin's
 `start` (a failure is reported with the plugin's name), then `Agent.run` runs the pipeline on trio,
-handling SIGINT and SIGTERM as "drain and exit 0" (a second signal exits at once).
+handling SIGINT and SIGTERM as "drain and exit 0" (a second signal exits at once). Once the pipeline
+is started it logs one machine-readable readiness line, `agent: ready: {"graphite-in": {"plaintext":
+["127.0.0.1:40123"]}, ...}`, with what each element reported when it came up.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import logging
 import signal
 from typing import Any
 
+import msgspec
 import pluggy
 import trio
 
@@ -27,6 +30,19 @@ log = logging.getLogger(__name__)
 #: A second SIGINT/SIGTERM within this many seconds of the first is the same request delivered twice;
 #: a later one means "exit now, without waiting for the outputs".
 DUPLICATE_SIGNAL_WINDOW = 1.0
+
+
+#: The start of the one line that the "agent" logger (as for "started plugins: ...") logs once the
+#: pipeline is started (every output, service and autonomous source up); the rest of the line is
+#: `ready_line`'s JSON. Tests and supervisors wait for it (`agent.testing.run_agent` reads the bound
+#: ports from it).
+READY_PREFIX = "ready: "
+
+
+def ready_line(ready: dict[str, Any]) -> str:
+    """What each element passed to `task_status.started` (bound addresses...), as one line of JSON
+    keyed by element name; a value JSON cannot hold (an object) is shown with `str`."""
+    return msgspec.json.encode(ready, enc_hook=str).decode()
 
 
 class PluginStartError(Exception):
@@ -131,6 +147,7 @@ class Agent:
                 if self.control:
                     await self._start_control(nursery, pipeline, sections)
                 await nursery.start(run_pipeline)
+                logging.getLogger("agent").info("%s%s", READY_PREFIX, ready_line(pipeline.ready))
                 self._hook(
                     "agent_pipeline_started", plugin_names=list(self.started), elements=list(self.elements)
                 )
@@ -210,4 +227,4 @@ class Agent:
             log.error("hook %s failed: %s", name, describe_exception(exc))
 
 
-__all__ = ["Agent", "PluginStartError", "StartupError"]
+__all__ = ["READY_PREFIX", "Agent", "PluginStartError", "StartupError", "ready_line"]

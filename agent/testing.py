@@ -17,14 +17,39 @@
             await out.wait_for_points(10)
 
 Everything runs on the real pipeline, so queues, acknowledgements and shutdown behave as in the agent.
+
+`run_agent` (or `open_agent` in a trio test) runs the real `agent` command as a child process, with a
+config written to a folder, and waits for its readiness line, which gives the ports it bound:
+
+    def test_my_listener_in_the_agent(tmp_path):
+        with run_agent('[plugins.my-listener]\naddress = "127.0.0.1:0"\n', directory=tmp_path) as agent:
+            send_to(agent.port("my-listener"))
+            agent.wait_for(lambda: "1 point" in agent.stderr, timeout=10, what="the point")
+            assert agent.stop() == 0
+
+The agent is killed (with its process group) on any way out of the block. `wait_for` and
+`wait_for_async` wait for any condition with a timeout; `require_service` skips a test whose real
+service (a database, a broker) is not running, except under CI=true, where that is a failure.
 """
 
 from __future__ import annotations
 
+import codecs
 import contextlib
-from collections.abc import AsyncIterator, Mapping, Sequence
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import trio
 
@@ -50,24 +75,9 @@ from agent.plugin import (
     StartContext,
     Transform,
 )
+from agent.runtime import READY_PREFIX
 
-
-def require_service(name: str, host: str, port: int) -> None:
-    """Skips the calling test when a service is not reachable on host:port, except under CI=true,
-    where a missing service is a failure (CI must provide it)."""
-    import os
-    import socket
-
-    import pytest
-
-    try:
-        with socket.create_connection((host, port), timeout=1.0):
-            return
-    except OSError as exc:
-        message = f"{name} is not reachable on {host}:{port} ({exc})"
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"{message}; CI must provide it")
-        pytest.skip(message)
+T = TypeVar("T")
 
 
 def start_plugin(
@@ -213,12 +223,347 @@ async def run_output(
     return pipeline.counters()["output"]
 
 
+# -- real services --
+
+
+def require_service(name: str, host: str, port: int) -> None:
+    """Skips the calling test when a service is not reachable on host:port, except under CI=true,
+    where a missing service is a failure (CI must provide it)."""
+    import pytest  # here: agent.testing stays importable without the test dependencies
+
+    try:
+        with socket.create_connection((host, port), timeout=1.0):
+            return
+    except OSError as exc:
+        message = f"{name} is not reachable on {host}:{port} ({exc.strerror or exc})"
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{message}; CI must provide it")
+        pytest.skip(message)
+
+
+# -- waiting for a condition --
+
+#: How often `wait_for` and `wait_for_async` test their condition.
+POLL_INTERVAL = 0.02
+
+
+def _check_watched(watch: Sequence[AgentProcess], what: str) -> None:
+    for agent in watch:
+        if agent.returncode is not None:
+            raise AssertionError(
+                f"{agent.name} exited ({agent.returncode}) while waiting for {what}:\n{agent.stderr_tail()}"
+            )
+
+
+def _timed_out(timeout: float, what: str, watch: Sequence[AgentProcess]) -> AssertionError:
+    logs = "".join(f"\n--- {agent.name}'s stderr:\n{agent.stderr_tail()}" for agent in watch)
+    return AssertionError(f"timed out after {timeout}s waiting for {what}{logs}")
+
+
+def wait_for(
+    predicate: Callable[[], T],
+    timeout: float = 10.0,
+    what: str = "the condition",
+    *,
+    watch: Sequence[AgentProcess] = (),
+) -> T:
+    """Tests `predicate` until it returns something true, and returns that; raises AssertionError
+    naming `what` after `timeout` seconds, or as soon as an agent of `watch` exits (with its stderr)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = predicate()
+        if result:
+            return result
+        _check_watched(watch, what)
+        if time.monotonic() >= deadline:
+            raise _timed_out(timeout, what, watch)
+        time.sleep(POLL_INTERVAL)
+
+
+async def wait_for_async(
+    predicate: Callable[[], T],
+    timeout: float = 10.0,
+    what: str = "the condition",
+    *,
+    watch: Sequence[AgentProcess] = (),
+) -> T:
+    """`wait_for` for trio tests: other tasks run while it waits."""
+    deadline = trio.current_time() + timeout
+    while True:
+        result = predicate()
+        if result:
+            return result
+        _check_watched(watch, what)
+        if trio.current_time() >= deadline:
+            raise _timed_out(timeout, what, watch)
+        await trio.sleep(POLL_INTERVAL)
+
+
+# -- the agent as a child process --
+
+READY_LINE = re.compile(r"^.* agent: " + re.escape(READY_PREFIX) + r"(\{.*\})$", re.MULTILINE)
+
+
+class _Collector(threading.Thread):
+    """Reads one pipe of the child to its end, keeping the text (a thread: works in sync and trio tests,
+    and the child never blocks on a full pipe)."""
+
+    def __init__(self, pipe: Any, name: str) -> None:
+        super().__init__(name=name, daemon=True)
+        self._pipe = pipe
+        self._chunks: list[str] = []
+        self._lock = threading.Lock()
+
+    def run(self) -> None:
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        with self._pipe:
+            while data := self._pipe.read1(65536):
+                text = decoder.decode(data)
+                with self._lock:
+                    self._chunks.append(text)
+        with self._lock:
+            self._chunks.append(decoder.decode(b"", final=True))
+
+    @property
+    def text(self) -> str:
+        with self._lock:
+            if len(self._chunks) > 1:
+                self._chunks[:] = ["".join(self._chunks)]
+            return self._chunks[0] if self._chunks else ""
+
+
+class AgentProcess:
+    """A running `agent` command (see `run_agent`): its output so far, its readiness line, its ports."""
+
+    def __init__(self, process: subprocess.Popen[bytes], directory: Path, name: str) -> None:
+        self.process = process
+        self.directory = directory
+        self.name = name
+        #: What each element reported when it came up (its bound addresses), from the readiness line:
+        #: {"graphite-in": {"plaintext": ["127.0.0.1:40123"]}, "relay-server": ["127.0.0.1:40125"]}.
+        self.ready: dict[str, Any] = {}
+        assert process.stdout is not None and process.stderr is not None
+        self._stdout = _Collector(process.stdout, f"{name} stdout")
+        self._stderr = _Collector(process.stderr, f"{name} stderr")
+        self._stdout.start()
+        self._stderr.start()
+
+    @property
+    def stdout(self) -> str:
+        return self._stdout.text
+
+    @property
+    def stderr(self) -> str:
+        """Its log so far."""
+        return self._stderr.text
+
+    def stderr_tail(self, chars: int = 3000) -> str:
+        return self.stderr[-chars:]
+
+    @property
+    def returncode(self) -> int | None:
+        """None while it runs."""
+        return self.process.poll()
+
+    # -- readiness and ports --
+
+    def _read_ready(self) -> bool:
+        match = READY_LINE.search(self.stderr)
+        if match is None:
+            if self.returncode is not None:
+                raise AssertionError(
+                    f"{self.name} exited ({self.returncode}) before it was ready:\n{self.stderr_tail()}"
+                )
+            return False
+        self.ready = json.loads(match.group(1))
+        return True
+
+    def wait_ready(self, timeout: float = 30.0) -> dict[str, Any]:
+        """Waits for the readiness line (logged at INFO) and returns `ready`."""
+        wait_for(self._read_ready, timeout, f"{self.name}'s readiness line")
+        return self.ready
+
+    async def wait_ready_async(self, timeout: float = 30.0) -> dict[str, Any]:
+        await wait_for_async(self._read_ready, timeout, f"{self.name}'s readiness line")
+        return self.ready
+
+    def addresses(self, element: str, key: str | None = None) -> list[str]:
+        """The addresses `element` reported in the readiness line ("HOST:PORT" strings); `key` picks one
+        kind when it reported several (graphite-in: "plaintext", "pickle", "udp")."""
+        value = self.ready.get(element)
+        if key is not None:
+            value = value.get(key) if isinstance(value, dict) else None
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list) or not value:
+            where = element if key is None else f"{element}, {key!r}"
+            raise AssertionError(f"no address for {where} in {self.name}'s readiness line: {self.ready}")
+        return [str(address) for address in value]
+
+    def port(self, element: str, key: str | None = None) -> int:
+        """The port of the first address `element` reported (see `addresses`)."""
+        return int(self.addresses(element, key)[0].rsplit(":", 1)[1])
+
+    # -- waiting, signals, stopping --
+
+    def wait_for(self, predicate: Callable[[], T], timeout: float = 10.0, what: str = "the condition") -> T:
+        """`wait_for` that fails at once, with the agent's log, if the agent exits meanwhile."""
+        return wait_for(predicate, timeout, what, watch=[self])
+
+    async def wait_for_async(
+        self, predicate: Callable[[], T], timeout: float = 10.0, what: str = "the condition"
+    ) -> T:
+        return await wait_for_async(predicate, timeout, what, watch=[self])
+
+    def send_signal(self, signum: int) -> None:
+        """Signals the agent alone (a service manager's stop)."""
+        if self.returncode is None:
+            self.process.send_signal(signum)
+
+    def signal_group(self, signum: int) -> None:
+        """Signals the agent and its children (`agent exec`'s command): Ctrl-C in a terminal."""
+        if self.returncode is None:
+            os.killpg(self.process.pid, signum)
+
+    def _exited(self, timeout: float) -> int:
+        self._stdout.join(timeout)
+        self._stderr.join(timeout)
+        return self.process.returncode
+
+    def _not_exited(self, timeout: float) -> AssertionError:
+        self.kill()
+        return AssertionError(f"{self.name} did not exit within {timeout}s; its log:\n{self.stderr_tail()}")
+
+    def wait(self, timeout: float = 30.0) -> int:
+        """Waits for the agent to exit and returns its exit code (killed, and AssertionError, after
+        `timeout`); its output is complete afterwards."""
+        try:
+            self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise self._not_exited(timeout) from None
+        return self._exited(timeout)
+
+    async def wait_async(self, timeout: float = 30.0) -> int:
+        with trio.move_on_after(timeout):
+            while self.process.poll() is None:
+                await trio.sleep(POLL_INTERVAL)
+        if self.process.poll() is None:
+            raise self._not_exited(timeout)
+        return self._exited(timeout)
+
+    def stop(self, timeout: float = 30.0, signum: int = signal.SIGTERM) -> int:
+        """Stops the agent as a service manager does (SIGTERM: it drains and exits) and returns its exit
+        code; killed, and AssertionError, if it has not exited within `timeout`."""
+        self.send_signal(signum)
+        return self.wait(timeout)
+
+    async def stop_async(self, timeout: float = 30.0, signum: int = signal.SIGTERM) -> int:
+        self.send_signal(signum)
+        return await self.wait_async(timeout)
+
+    def kill(self) -> None:
+        """SIGKILL to the agent and its children (its process group); waits for it."""
+        if self.process.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+
+
+def _spawn(
+    config: str | None,
+    args: Sequence[str],
+    directory: Path,
+    env: Mapping[str, str] | None,
+    name: str,
+) -> AgentProcess:
+    command = [sys.executable, "-m", "agent.cli"]
+    if config is not None:
+        path = directory / f"{name}.toml"
+        path.write_text(config)
+        command += ["--config", str(path)]
+    process = subprocess.Popen(
+        [*command, *args],
+        cwd=directory,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+        # Its own process group: `kill` takes `agent exec`'s command with it.
+        start_new_session=True,
+    )
+    return AgentProcess(process, directory, name)
+
+
+@contextlib.contextmanager
+def _directory(directory: Path | None) -> Iterator[Path]:
+    if directory is not None:
+        directory.mkdir(parents=True, exist_ok=True)
+        yield directory
+        return
+    temporary = Path(tempfile.mkdtemp(prefix="agent-test-"))
+    try:
+        yield temporary
+    finally:
+        shutil.rmtree(temporary, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def run_agent(
+    config: str | None,
+    *args: str,
+    directory: Path | None = None,
+    env: Mapping[str, str] | None = None,
+    ready: bool = True,
+    timeout: float = 30.0,
+    name: str = "agent",
+) -> Iterator[AgentProcess]:
+    """Runs `agent --config DIRECTORY/NAME.toml ARGS...` (`config` is the file's text; None: no
+    --config) in `directory` (a new temporary folder if None, removed afterwards) and, with `ready`,
+    waits up to `timeout` seconds for its readiness line. The agent, and anything it started, is killed
+    on any way out of the block: a failed assertion, a timeout, a cancellation."""
+    with _directory(directory) as folder:
+        agent = _spawn(config, args, folder, env, name)
+        try:
+            if ready:
+                agent.wait_ready(timeout)
+            yield agent
+        finally:
+            agent.kill()
+            agent._exited(5.0)
+
+
+@contextlib.asynccontextmanager
+async def open_agent(
+    config: str | None,
+    *args: str,
+    directory: Path | None = None,
+    env: Mapping[str, str] | None = None,
+    ready: bool = True,
+    timeout: float = 30.0,
+    name: str = "agent",
+) -> AsyncIterator[AgentProcess]:
+    """`run_agent` for trio tests: waiting for readiness lets other tasks run."""
+    with _directory(directory) as folder:
+        agent = _spawn(config, args, folder, env, name)
+        try:
+            if ready:
+                await agent.wait_ready_async(timeout)
+            yield agent
+        finally:
+            # Synchronous, so that a cancelled test (a timeout) still kills it.
+            agent.kill()
+            agent._exited(5.0)
+
+
 __all__ = [
+    "AgentProcess",
     "CollectingOutput",
     "make_batch",
     "make_series",
+    "open_agent",
     "output_element",
     "poll_once",
+    "run_agent",
     "require_service",
     "run_output",
     "run_transform",
@@ -226,4 +571,6 @@ __all__ = [
     "source_element",
     "start_plugin",
     "transform_element",
+    "wait_for",
+    "wait_for_async",
 ]
