@@ -210,6 +210,11 @@ class Agent:
                 elif trio.current_time() - first_at < DUPLICATE_SIGNAL_WINDOW:
                     # The same stop delivered twice (`timeout` signals the child and its process
                     # group; a supervisor may signal the whole group): not a request to hurry.
+                    log.info(
+                        "%s again within %ss: the same stop request (another one later exits at once)",
+                        name,
+                        DUPLICATE_SIGNAL_WINDOW,
+                    )
                     continue
                 else:
                     log.warning("second %s: exiting without waiting for the outputs", name)

@@ -266,9 +266,11 @@ def wait_for(
     what: str = "the condition",
     *,
     watch: Sequence[AgentProcess] = (),
+    every: float = POLL_INTERVAL,
 ) -> T:
     """Tests `predicate` until it returns something true, and returns that; raises AssertionError
-    naming `what` after `timeout` seconds, or as soon as an agent of `watch` exits (with its stderr)."""
+    naming `what` after `timeout` seconds, or as soon as an agent of `watch` exits (with its stderr).
+    `predicate` is called about `every` seconds."""
     deadline = time.monotonic() + timeout
     while True:
         result = predicate()
@@ -277,7 +279,7 @@ def wait_for(
         _check_watched(watch, what)
         if time.monotonic() >= deadline:
             raise _timed_out(timeout, what, watch)
-        time.sleep(POLL_INTERVAL)
+        time.sleep(every)
 
 
 async def wait_for_async(
@@ -286,6 +288,7 @@ async def wait_for_async(
     what: str = "the condition",
     *,
     watch: Sequence[AgentProcess] = (),
+    every: float = POLL_INTERVAL,
 ) -> T:
     """`wait_for` for trio tests: other tasks run while it waits."""
     deadline = trio.current_time() + timeout
@@ -296,7 +299,7 @@ async def wait_for_async(
         _check_watched(watch, what)
         if trio.current_time() >= deadline:
             raise _timed_out(timeout, what, watch)
-        await trio.sleep(POLL_INTERVAL)
+        await trio.sleep(every)
 
 
 # -- the agent as a child process --

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import os
 import signal
@@ -11,12 +10,14 @@ import subprocess
 import sys
 import time
 import tomllib
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from agent.manager import build_plugin_manager, collect_plugins
+from agent.testing import run_agent
+
+from .test_third_party_plugins import install_fake_distribution
 
 AGENT = [sys.executable, "-m", "agent.cli"]
 
@@ -34,30 +35,9 @@ def run(
     )
 
 
-@contextlib.contextmanager
-def started(args: list[str], cwd: Path) -> Iterator[subprocess.Popen]:
-    """An agent process that is killed if the test leaves without stopping it."""
-    proc = subprocess.Popen(AGENT + args, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        yield proc
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
-
-
 def read_csv(path: Path) -> list[dict[str, str]]:
     with path.open(newline="") as f:
         return list(csv.DictReader(f, delimiter=";"))
-
-
-def wait_for(predicate, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.1)
-    raise AssertionError("condition not met in time")
 
 
 def write_config(tmp_path: Path, text: str) -> Path:
@@ -67,13 +47,12 @@ def write_config(tmp_path: Path, text: str) -> Path:
 
 
 def test_no_config_generates_one_and_writes_csv(tmp_path: Path) -> None:
-    with started([], tmp_path) as proc:
+    with run_agent(None, directory=tmp_path) as agent:
         output = tmp_path / "agent-output.csv"
         # Within a few seconds: the first poll goes out at once (about 1.5 s on an idle machine).
-        wait_for(lambda: output.exists() and len(read_csv(output)) > 0, timeout=10)
-        proc.send_signal(signal.SIGTERM)
-        _, stderr = proc.communicate(timeout=30)
-    assert proc.returncode == 0, stderr
+        agent.wait_for(lambda: output.exists() and len(read_csv(output)) > 0, 10, "rows in the csv file")
+        assert agent.stop() == 0, agent.stderr
+    stderr = agent.stderr
     assert "no config file, wrote one" in stderr
     config = tomllib.loads((tmp_path / "agent.toml").read_text())
     installed = collect_plugins(build_plugin_manager())
@@ -164,23 +143,66 @@ def test_once_polls_and_flushes_then_exits_0(tmp_path: Path) -> None:
     assert len({r["timestamp"] for r in rows if r["metric"].startswith("memory")}) == 1
 
 
-def test_sigterm_writes_every_buffered_point(tmp_path: Path) -> None:
-    # Sources flush only every hour and the CSV output too: everything measured is still buffered when
-    # SIGTERM comes, and must be written anyway.
-    write_config(
-        tmp_path,
-        "[agent]\nself_metrics_interval = '0s'\n"
-        "[plugins.system]\nenable = true\npoll_interval = '200ms'\nflush_interval = '1h'\n"
-        "[plugins.csv]\nenable = true\nflush_interval = '1h'\n",
+TICKER = """
+    from pathlib import Path
+
+    from agent import (
+        LOCAL_MACHINE, LOCAL_MACHINE_CONSUMER, Plugin, PolledSource, PolledSourceConfig, hookimpl,
     )
-    with started([], tmp_path) as proc:
-        time.sleep(3)
-        proc.send_signal(signal.SIGTERM)
-        _, stderr = proc.communicate(timeout=30)
-    assert proc.returncode == 0, stderr
-    rows = read_csv(tmp_path / "agent-output.csv")
-    polls = {r["timestamp"] for r in rows if r["metric"].startswith("memory")}
-    assert len(polls) >= 5, stderr
+
+    class TickerConfig(PolledSourceConfig, kw_only=True):
+        path: str = "ticks.txt"
+
+    class TickerSource(PolledSource):
+        # Measures 1, 2, 3...; writes each number to a file too, so that a test sees every poll.
+
+        def __init__(self, config):
+            self.poll_interval, self.flush_interval = config.poll_interval, config.flush_interval
+            self.path, self.polls = Path(config.path), 0
+
+        async def poll(self, points, timestamp_ns):
+            self.polls += 1
+            points.add("tick", self.polls, timestamp_ns, LOCAL_MACHINE, LOCAL_MACHINE_CONSUMER)
+            with self.path.open("a") as f:
+                f.write(f"{self.polls}\\n")
+
+    class Ticker(Plugin):
+        name = "ticker"
+        Config = TickerConfig
+        provides = ("source",)
+
+        def start(self, ctx, config):
+            ctx.create_metric("tick", value_type="int")
+            ctx.add_source(TickerSource(config))
+
+    @hookimpl
+    def agent_plugins():
+        return [Ticker]
+"""
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_stop_signal_writes_every_buffered_point(tmp_path: Path, signum: signal.Signals) -> None:
+    # The source flushes only every hour and the CSV output too: everything measured is still buffered
+    # when the signal comes (all but the first poll, which goes out at once, in the source), and must be
+    # written anyway. SIGINT (Ctrl-C) drains like SIGTERM.
+    site = tmp_path / "site"
+    install_fake_distribution(
+        site, "agent-ticker", "1.0.0", {"agent_ticker": TICKER}, "[agent.plugins]\nticker = agent_ticker\n"
+    )
+    config = (
+        "[agent]\nself_metrics_interval = '0s'\n"
+        "[plugins.ticker]\npoll_interval = '100ms'\nflush_interval = '1h'\n"
+        "[plugins.csv]\nflush_interval = '1h'\n"
+    )
+    ticks = tmp_path / "ticks.txt"
+    with run_agent(config, directory=tmp_path, env={"PYTHONPATH": str(site)}) as agent:
+        agent.wait_for(lambda: ticks.exists() and ticks.read_text().count("\n") >= 5, 20, "5 polls")
+        assert agent.stop(signum=signum) == 0, agent.stderr
+    assert f"{signum.name} received" in agent.stderr and "Traceback" not in agent.stderr
+    polls = [int(line) for line in ticks.read_text().split()]
+    written = [int(r["value"]) for r in read_csv(tmp_path / "agent-output.csv") if r["metric"] == "tick"]
+    assert written == polls == list(range(1, len(polls) + 1))
 
 
 def test_exec_exits_with_the_command_code(tmp_path: Path) -> None:
@@ -300,25 +322,6 @@ def test_once_flushes_every_output_whatever_its_flush_interval(tmp_path: Path) -
     assert int(csv_rows[0]["value"]) == db_rows[0][1] and unit == [("By",)]
 
 
-def test_sigint_drains_like_sigterm(tmp_path: Path) -> None:
-    write_config(
-        tmp_path,
-        "[agent]\nself_metrics_interval = '0s'\n"
-        "[plugins.system]\npoll_interval = '100ms'\nflush_interval = '1h'\n"
-        "[plugins.csv]\nflush_interval = '1h'\n",
-    )
-    with started([], tmp_path) as proc:
-        output = tmp_path / "agent-output.csv"
-        wait_for(output.exists)  # csv opened its file: the pipeline runs
-        time.sleep(1)
-        proc.send_signal(signal.SIGINT)
-        _, stderr = proc.communicate(timeout=30)
-    assert proc.returncode == 0, stderr
-    assert "SIGINT received" in stderr and "Traceback" not in stderr
-    polls = {r["timestamp"] for r in read_csv(tmp_path / "agent-output.csv") if r["metric"] == "memory_used"}
-    assert len(polls) >= 5, stderr  # every poll buffered by system and csv was written
-
-
 def test_exec_polls_before_the_command_starts_and_after_it_ends(tmp_path: Path) -> None:
     write_config(tmp_path, "[plugins.system]\npoll_interval = '1h'\nflush_interval = '1h'\n[plugins.csv]\n")
     command = "import time; print(time.time_ns(), flush=True); time.sleep(0.5); print(time.time_ns())"
@@ -349,23 +352,11 @@ def test_exec_exit_code_when_the_command_is_killed(tmp_path: Path, script: str, 
 
 def test_exec_interrupted_by_sigint_still_polls_after_the_command(tmp_path: Path) -> None:
     # Ctrl-C in a terminal: the agent and the command (same process group) both get SIGINT.
-    write_config(tmp_path, "[plugins.system]\npoll_interval = '1h'\nflush_interval = '1h'\n[plugins.csv]\n")
-    proc = subprocess.Popen(
-        AGENT + ["exec", "--", sys.executable, "-c", "import time; print('up', flush=True); time.sleep(60)"],
-        cwd=tmp_path,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        assert proc.stdout is not None and proc.stdout.readline() == "up\n"
-        os.killpg(proc.pid, signal.SIGINT)
-        _, stderr = proc.communicate(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
-    assert proc.returncode == 130, stderr  # the command's: 128 + SIGINT
+    config = "[plugins.system]\npoll_interval = '1h'\nflush_interval = '1h'\n[plugins.csv]\n"
+    command = "import time; print('up', flush=True); time.sleep(60)"
+    with run_agent(config, "exec", "--", sys.executable, "-c", command, directory=tmp_path) as agent:
+        agent.wait_for(lambda: agent.stdout == "up\n", what="the command to start")
+        agent.signal_group(signal.SIGINT)
+        assert agent.wait() == 130, agent.stderr  # the command's: 128 + SIGINT
     polls = {r["timestamp"] for r in read_csv(tmp_path / "agent-output.csv") if r["metric"] == "memory_used"}
-    assert len(polls) == 2, stderr
+    assert len(polls) == 2, agent.stderr

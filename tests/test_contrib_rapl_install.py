@@ -11,13 +11,13 @@ import importlib.metadata
 import importlib.util
 import os
 import re
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
+
+from agent.testing import run_agent, wait_for
 
 
 @pytest.fixture(autouse=True)
@@ -27,6 +27,10 @@ def rapl_installed() -> None:
         if os.environ.get("CI") == "true":
             pytest.fail(f"{message}; CI must install it")
         pytest.skip(message)
+
+
+#: The end of each csv row of the package's power.
+PACKAGE_POWER = ";cpu_package;0;local_machine;;domain=package"
 
 
 def agent_command(*args: str) -> list[str]:
@@ -64,9 +68,7 @@ def test_plugins_list_shows_rapl_from_its_distribution(tmp_path: Path) -> None:
 def test_agent_runs_rapl_on_a_fake_tree_and_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
     powercap = make_powercap(tmp_path / "powercap")
     csv_path = tmp_path / "out.csv"
-    config = tmp_path / "agent.toml"
-    config.write_text(
-        f"""
+    config = f"""
 [agent]
 data_dir = "data"
 self_metrics_interval = "0s"
@@ -81,43 +83,30 @@ flush_interval = "100ms"
 path = "{csv_path}"
 flush_interval = "100ms"
 """
-    )
-    process = subprocess.Popen(
-        agent_command("--config", str(config), "--plugins", "rapl,csv"),
-        cwd=tmp_path,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        energy = 1_000_000
-        deadline = time.monotonic() + 30
-        rows: list[str] = []
-        while time.monotonic() < deadline and process.poll() is None:
-            # The package consumes 0.5 J every 50 ms: about 10 W.
-            energy += 500_000
-            (powercap / "intel-rapl:0" / "energy_uj").write_text(f"{energy}\n")
-            time.sleep(0.05)
-            if csv_path.exists():
-                rows = [r for r in csv_path.read_text().splitlines() if r.startswith("rapl_power;")]
-                if len(rows) >= 4:
-                    break
-        assert process.poll() is None, process.communicate()[1]
-        assert len(rows) >= 4, f"no rapl points after 30 s in {csv_path}"
-        process.send_signal(signal.SIGTERM)
-        _, stderr = process.communicate(timeout=20)
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.communicate()
-    assert process.returncode == 0, stderr
-    assert re.search(r"started plugins: (rapl, csv|csv, rapl)$", stderr, re.MULTILINE), stderr
+    counter = powercap / "intel-rapl:0" / "energy_uj"
+    energy = 1_000_000
+
+    def package_power_rows() -> int:
+        """Moves the package's counter on (0.5 J a call, about every 50 ms: about 10 W), as the kernel
+        would, and counts the package's power rows written so far."""
+        nonlocal energy
+        energy += 500_000
+        # Replaced in one step: a reader never sees a half-written counter.
+        (counter.parent / "energy_uj.new").write_text(f"{energy}\n")
+        os.replace(counter.parent / "energy_uj.new", counter)
+        text = csv_path.read_text() if csv_path.exists() else ""
+        return text.count(PACKAGE_POWER)
+
+    with run_agent(config, "--plugins", "rapl,csv", directory=tmp_path) as agent:
+        wait_for(lambda: package_power_rows() >= 4, 30, "4 package power rows", watch=[agent], every=0.05)
+        assert agent.stop(timeout=20) == 0, agent.stderr
+    assert re.search(r"started plugins: (rapl, csv|csv, rapl)$", agent.stderr, re.MULTILINE), agent.stderr
 
     lines = csv_path.read_text().splitlines()
     package_power = [
         float(line.split(";")[2])
         for line in lines
-        if line.startswith("rapl_power;") and ";cpu_package;0;local_machine;;domain=package" in line
+        if line.startswith("rapl_power;") and PACKAGE_POWER in line
     ]
     dram_energy = [line for line in lines if line.startswith("rapl_consumed_energy;") and ";dram;0;" in line]
     assert package_power and dram_energy

@@ -21,6 +21,7 @@ import pytest
 
 from agent import hookimpl, hookspecs
 from agent.manager import PluginLoadError, build_plugin_manager, collect_plugins
+from agent.testing import run_agent, wait_for
 
 from .test_plugin_authoring import readme_block
 
@@ -45,7 +46,7 @@ def install_fake_distribution(
     (info / "entry_points.txt").write_text(textwrap.dedent(entry_points))
 
 
-def run_agent(args: list[str], cwd: Path, site: Path, timeout: float = 60) -> subprocess.CompletedProcess:
+def run_cli(args: list[str], cwd: Path, site: Path, timeout: float = 60) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(site)}
     env.pop("AGENT_CONFIG", None)
     return subprocess.run(
@@ -76,7 +77,7 @@ def test_the_readme_plugin_installed_appears_in_plugins_list_and_runs(tmp_path: 
         {"agent_uptime.plugin": readme_block("python", "## Writing a plugin")},
         "[agent.plugins]\nuptime = agent_uptime.plugin\n",
     )
-    listed = run_agent(["plugins", "list"], tmp_path, site)
+    listed = run_cli(["plugins", "list"], tmp_path, site)
     assert listed.returncode == 0, listed.stderr
     header, *rows = listed.stdout.splitlines()
     assert header.split() == ["NAME", "VERSION", "ELEMENTS", "ENABLED", "ORIGIN"]
@@ -86,7 +87,7 @@ def test_the_readme_plugin_installed_appears_in_plugins_list_and_runs(tmp_path: 
     assert table["system"][3] == "yes" and table["sqlite"][3] == "no"
 
     (tmp_path / "agent.toml").write_text("[plugins.uptime]\n[plugins.csv]\npath = 'out.csv'\n")
-    ran = run_agent(["--once"], tmp_path, site)
+    ran = run_cli(["--once"], tmp_path, site)
     assert ran.returncode == 0, ran.stderr
     rows = (tmp_path / "out.csv").read_text().splitlines()
     assert [row.split(";")[0] for row in rows] == ["metric", "uptime"]
@@ -110,7 +111,7 @@ def test_a_misspelled_hook_is_an_error_naming_the_plugin_and_its_distribution(tm
         "[agent.plugins]\ntypo = agent_typo\n",
     )
     for args in (["plugins", "list"], ["--once"]):
-        result = run_agent(args, tmp_path, site)
+        result = run_cli(args, tmp_path, site)
         assert result.returncode == 1
         assert one_line_error(result).startswith(
             "plugin error: plugin 'typo' (from agent-typo 0.3.0): unknown hook 'agent_plugin'"
@@ -129,7 +130,7 @@ def test_a_plugin_that_cannot_be_imported_is_named_with_its_distribution(tmp_pat
         {"agent_broken": "import no_such_dependency\n"},
         "[agent.plugins]\nbroken = agent_broken\n",
     )
-    result = run_agent(["plugins", "list"], tmp_path, site)
+    result = run_cli(["plugins", "list"], tmp_path, site)
     assert result.returncode == 1
     assert one_line_error(result) == (
         "plugin error: the entry point broken = 'agent_broken' of agent-broken 2.0.0 cannot be loaded:"
@@ -184,7 +185,7 @@ def test_a_plugin_that_fails_to_start_is_named_with_the_reason(
 ) -> None:
     (tmp_path / "agent.toml").write_text("[plugins.csv]\n[plugins.needs-device]\ndevice = '/dev/rapl9'\n")
     for args in (["--once"], [], ["exec", "--", "true"]):
-        result = run_agent(args, tmp_path, site_with_plugins)
+        result = run_cli(args, tmp_path, site_with_plugins)
         assert result.returncode == 1, result.stderr
         assert (
             one_line_error(result)
@@ -194,7 +195,7 @@ def test_a_plugin_that_fails_to_start_is_named_with_the_reason(
 
 def test_a_third_party_table_is_checked_like_any_other(tmp_path: Path, site_with_plugins: Path) -> None:
     (tmp_path / "agent.toml").write_text("[plugins.needs-device]\ndevise = '/dev/x'\n")
-    result = run_agent(["--once"], tmp_path, site_with_plugins)
+    result = run_cli(["--once"], tmp_path, site_with_plugins)
     assert result.returncode == 2
     assert one_line_error(result).startswith("config error: plugins.needs-device.devise: unknown key")
 
@@ -202,63 +203,49 @@ def test_a_third_party_table_is_checked_like_any_other(tmp_path: Path, site_with
 def test_sigterm_with_an_output_that_never_finishes_exits_0_within_the_grace_period(
     tmp_path: Path, site_with_plugins: Path
 ) -> None:
-    (tmp_path / "agent.toml").write_text(
+    config = (
         "[agent]\ngrace_period = '1s'\nself_metrics_interval = '0s'\n"
         "[plugins.system]\npoll_interval = '100ms'\nflush_interval = '100ms'\n"
         "[plugins.csv]\n[plugins.stuck]\n"
     )
-    env = {**os.environ, "PYTHONPATH": str(site_with_plugins)}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "agent.cli"], cwd=tmp_path, env=env, stderr=subprocess.PIPE, text=True
-    )
-    try:
+    with run_agent(config, directory=tmp_path, env={"PYTHONPATH": str(site_with_plugins)}) as agent:
         csv_path = tmp_path / "agent-output.csv"
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and not (
-            csv_path.exists() and csv_path.read_text().count("\n") > 1
-        ):
-            time.sleep(0.1)
-        proc.send_signal(signal.SIGTERM)
+        agent.wait_for(
+            lambda: csv_path.exists() and csv_path.read_text().count("\n") > 1, 30, "points in the csv file"
+        )
         signalled = time.monotonic()
-        _, stderr = proc.communicate(timeout=30)
+        assert agent.stop() == 0, agent.stderr
         took = time.monotonic() - signalled
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
-    assert proc.returncode == 0, stderr
     assert took < 5, f"took {took:.1f}s to stop with grace_period = 1s"
     # The stuck output's points are reported, not silently lost; csv wrote everything.
-    assert re.search(r"output stuck: \d+ points not written: the grace period ran out at shutdown", stderr), (
-        stderr
-    )
-
+    assert re.search(
+        r"output stuck: \d+ points not written: the grace period ran out at shutdown", agent.stderr
+    ), agent.stderr
 
 
 def test_a_second_sigterm_exits_at_once_with_143(tmp_path: Path, site_with_plugins: Path) -> None:
-    (tmp_path / "agent.toml").write_text(
+    config = (
         "[agent]\ngrace_period = '1h'\nself_metrics_interval = '0s'\n"
         "[plugins.system]\npoll_interval = '100ms'\nflush_interval = '100ms'\n[plugins.stuck]\n"
     )
-    env = {**os.environ, "PYTHONPATH": str(site_with_plugins)}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "agent.cli"], cwd=tmp_path, env=env, stderr=subprocess.PIPE, text=True
-    )
-    try:
-        time.sleep(2)
-        proc.send_signal(signal.SIGTERM)
-        proc.send_signal(signal.SIGTERM)  # the same stop delivered twice: still waiting for the output
-        time.sleep(1.5)
-        assert proc.poll() is None
-        proc.send_signal(signal.SIGTERM)  # the operator insists
-        _, stderr = proc.communicate(timeout=20)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
-    # Buffered points were given up: not a clean exit.
-    assert proc.returncode == 143, stderr
-    assert "second SIGTERM: exiting without waiting for the outputs" in stderr
+    with run_agent(config, directory=tmp_path, env={"PYTHONPATH": str(site_with_plugins)}) as agent:
+        agent.send_signal(signal.SIGTERM)
+        agent.wait_for(lambda: "SIGTERM received" in agent.stderr)
+        # The same stop delivered twice (right after the first: within a second): still waiting for the
+        # output.
+        agent.send_signal(signal.SIGTERM)
+        agent.wait_for(lambda: "SIGTERM again within 1.0s: the same stop request" in agent.stderr)
+        assert agent.returncode is None
+
+        def insist() -> bool:
+            # The operator insists, until a SIGTERM comes after the duplicate window.
+            agent.send_signal(signal.SIGTERM)
+            return agent.returncode is not None
+
+        wait_for(insist, 20, "the agent to give up waiting", every=0.3)
+        # Buffered points were given up: not a clean exit.
+        assert agent.wait() == 143, agent.stderr
+    assert "second SIGTERM: exiting without waiting for the outputs" in agent.stderr
 
 
 # -- the plugin manager in-process --
