@@ -2,7 +2,8 @@
 
 A relay server with 10 000 idle connections whose handshakes time out together, or a destination that
 drops a million points, must say so in a few lines, not a few thousand. `RateLimitedLog` logs the first
-event of a key at once, then at most one line per `interval`, saying how many it left out; `DropCounter`
+event of a key at once, then at most one line per `interval`, saying how many it left out (`flush`
+says it for a burst that stopped: from a periodic task and at shutdown); `DropCounter`
 counts dropped points by reason (for status pages and self-metrics) and logs through one.
 """
 
@@ -33,6 +34,8 @@ class RateLimitedLog:
         self.level = level
         self._next: dict[str, float] = {}
         self._skipped: dict[str, int] = {}
+        #: The last left-out line of each key, which `flush` writes with the count of the others.
+        self._last: dict[str, tuple[str, tuple[Any, ...]]] = {}
 
     def log(self, key: str, count: int, message: str, *args: Any) -> bool:
         """Logs `message % args` (followed by what was left out since the last line of this key) unless
@@ -41,8 +44,10 @@ class RateLimitedLog:
         now = self.clock()
         if now < self._next.get(key, float("-inf")):
             self._skipped[key] = self._skipped.get(key, 0) + count
+            self._last[key] = (message, args)
             return False
         skipped = self._skipped.pop(key, 0)
+        self._last.pop(key, None)
         self._next[key] = now + self.interval
         if skipped:
             self.logger.log(self.level, message + " (and %d more since the last such line)", *args, skipped)
@@ -52,6 +57,25 @@ class RateLimitedLog:
 
     # The common case reads as what it is.
     warn = log
+
+    def flush(self, *, due_only: bool = False) -> None:
+        """Logs the events left out since the last line of each key: the last of them, with the count of
+        the others. Without it, a burst that stops is never counted. `due_only`: only the keys whose
+        interval has passed (for a periodic task; the limit of one line per interval holds); without it,
+        every key (at shutdown)."""
+        now = self.clock()
+        for key in list(self._skipped):
+            if due_only and now < self._next.get(key, float("-inf")):
+                continue
+            skipped = self._skipped.pop(key)
+            message, args = self._last.pop(key)
+            self._next[key] = now + self.interval
+            if skipped > 1:
+                self.logger.log(
+                    self.level, message + " (and %d more since the last such line)", *args, skipped - 1
+                )
+            else:
+                self.logger.log(self.level, message, *args)
 
 
 class DropCounter:

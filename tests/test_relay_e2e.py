@@ -129,12 +129,37 @@ async def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> 
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
+class GatedOutput(CollectingOutput):
+    """A slow output that finishes writes only while its gate is open: closed, the server's pipeline holds
+    batches it has not written (so their acks cannot have left) for as long as the test needs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate_open = True
+        self._opened = trio.Event()
+
+    def close_gate(self) -> None:
+        self.gate_open = False
+        self._opened = trio.Event()
+
+    def open_gate(self) -> None:
+        self.gate_open = True
+        self._opened.set()
+
+    async def write(self, batches) -> None:
+        await trio.sleep(0.01)
+        # Checked last: a write that began before the gate closed does not finish either.
+        while not self.gate_open:
+            await self._opened.wait()
+        await super().write(batches)
+
+
 async def test_connections_cut_mid_stream_lose_nothing_and_duplicate_nothing(tmp_path) -> None:
     with trio.fail_after(30):
         async with trio.open_nursery() as nursery:
             server = RelayServer(ServerSettings(address="127.0.0.1:0"), MetricRegistry())
             # A slow output: batches wait in the server's pipeline, unacknowledged, when a cut comes.
-            received = CollectingOutput(delay=0.01)
+            received = GatedOutput()
             server_pipeline = Pipeline(
                 [source_element(server, "relay-server"), output_element(received, "out")]
             )
@@ -153,14 +178,22 @@ async def test_connections_cut_mid_stream_lose_nothing_and_duplicate_nothing(tmp
             for cut in range(1, 7):
                 # Each cut comes while the server's pipeline holds batches not yet written: their
                 # acks cannot have left, so the client resends them (and the server must drop them).
+                # They stay unwritten until the client has resent one, however slow the reconnection.
                 await wait_for(
-                    lambda c=cut: (
-                        received.points >= c * total // 8 and server.counters.points > received.points
-                    ),
-                    20,
-                    f"point {cut * total // 8} with batches pending in the server",
+                    lambda c=cut: received.points >= c * total // 8, 20, f"point {cut * total // 8}"
                 )
+                received.close_gate()
+                await wait_for(
+                    lambda: server.counters.points > received.points, 20, "batches pending in the server"
+                )
+                duplicates = server.counters.duplicate_batches
                 proxy.cut()
+                await wait_for(
+                    lambda d=duplicates: server.counters.duplicate_batches > d,
+                    20,
+                    "a batch resent after the cut",
+                )
+                received.open_gate()
             await wait_for(lambda: received.points >= total, 20, f"{total} points")
             await trio.sleep(0.2)  # anything extra (a duplicate) would come now
             client_pipeline.stop()

@@ -11,14 +11,15 @@ as the outputs finish batches, refusals, heartbeats, the goodbye. The stream tab
 a batch resent after a cut is never written twice, and an ack only ever covers written batches.
 
 One bad client never affects the others: every connection catches its own errors, logs one line naming
-the peer's address and the reason, and closes. The protocol is docs/relay-protocol.md.
+the peer's address and the reason, and closes. Connections that fail before their hello (no hello in
+time, a failed TLS handshake) are logged through a rate limit: 10 000 idle connections timing out
+together make a few lines that count them, not 10 000. The protocol is docs/relay-protocol.md.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
-import math
 import ssl
 import uuid
 from dataclasses import dataclass
@@ -26,9 +27,10 @@ from typing import Any
 
 import trio
 
+from agent import RateLimitedLog, describe_exception
 from agent import __version__ as AGENT_VERSION
-from agent import describe_exception
 from agent.model import MetricConflictError, MetricDef, MetricRegistry
+from agent.net import socket_address
 from agent.plugin import AutonomousSource, SourceSink
 from agent_plugins.relay.protocol import (
     PROTOCOL_VERSION,
@@ -54,7 +56,7 @@ from agent_plugins.relay.protocol import (
     UndefinedMetricError,
     batch_from_wire,
 )
-from agent_plugins.relay.protocol.address import WILDCARD_HOSTS, format_address, parse_address
+from agent_plugins.relay.protocol.address import WILDCARD_HOSTS, parse_address
 from agent_plugins.relay.protocol.streams import StreamState, StreamTable, Verdict
 
 from .security import AuthError, certificate_names, check_token, resolve_client_name
@@ -67,6 +69,9 @@ RECEIVE_SIZE = 1 << 20
 RELAY_CLIENT_ATTRIBUTE = "relay_client"
 #: Sending the last words (reject, bye) to a peer that does not read must not hold a task forever.
 LAST_WORDS_TIMEOUT = 2.0
+#: Warnings that can come by the thousand (handshakes failing, batches an output could not write): at
+#: most one line per kind this often; the next one counts those left out.
+LOG_INTERVAL = 10.0
 
 
 @dataclass(frozen=True)
@@ -138,6 +143,8 @@ class RelayServer(AutonomousSource):
         #: Set when the agent stops: sessions acknowledge what they forwarded, say bye and end.
         self.stopping = False
         self._renames_logged: set[tuple[str, str]] = set()
+        #: Connections that fail before their hello, batches not written: one line per kind and interval.
+        self.warnings = RateLimitedLog(log, LOG_INTERVAL, clock=trio.current_time)
         self._sink: SourceSink | None = None
 
     # -- listening --
@@ -151,7 +158,7 @@ class RelayServer(AutonomousSource):
             listeners = await trio.open_tcp_listeners(port, host=None if host in WILDCARD_HOSTS else host)
         except OSError as exc:
             raise OSError(f"cannot listen on {self.settings.address}: {exc.strerror or exc}") from None
-        self.bound_addresses = [_socket_address(listener.socket.getsockname()) for listener in listeners]
+        self.bound_addresses = [socket_address(listener.socket.getsockname()) for listener in listeners]
         return listeners
 
     async def run(
@@ -172,8 +179,10 @@ class RelayServer(AutonomousSource):
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._stop_sessions_when_cancelled)
+                nursery.start_soon(self._count_warnings)
                 await trio.serve_listeners(self._handle_tcp, listeners)
         finally:
+            self.warnings.flush()
             c = self.counters
             log.info(
                 "relay-server: stopped; %d connections, %d batches (%d points) taken, %d duplicates dropped,"
@@ -197,9 +206,16 @@ class RelayServer(AutonomousSource):
             for connection in list(self.connections):
                 connection.stop(deadline)
 
+    async def _count_warnings(self) -> None:
+        """Logs the count of a burst of warnings once it stopped (the rate limit logs the first of a
+        burst at once, and the count only with a later one)."""
+        while True:
+            await trio.sleep(LOG_INTERVAL)
+            self.warnings.flush(due_only=True)
+
     async def _handle_tcp(self, stream: trio.SocketStream) -> None:
         try:
-            peer = _socket_address(stream.socket.getpeername())
+            peer = socket_address(stream.socket.getpeername())
         except OSError:
             peer = "unknown peer"
         await self.handle_connection(stream, peer)
@@ -257,15 +273,15 @@ class RelayServer(AutonomousSource):
         connection: _Connection | None = state.connection
         if not ok:
             self.counters.failed_batches += 1
-            failures = self.counters.failed_batches
-            if failures == 1 or math.log2(failures).is_integer():
-                log.warning(
-                    "relay-server: an output could not write batch %d of client %r (%d such batches so far);"
-                    " the client will resend it",
-                    seq,
-                    state.client_name,
-                    failures,
-                )
+            self.warnings.warn(
+                "not written",
+                1,
+                "relay-server: an output could not write batch %d of client %r (%d such batches so far);"
+                " the client will resend it",
+                seq,
+                state.client_name,
+                self.counters.failed_batches,
+            )
             if connection is not None:
                 connection.request_resend(seq)
         elif moved and connection is not None:
@@ -329,6 +345,8 @@ class _Connection:
         self.wake()
 
     async def _wait_change(self, timeout: float) -> None:
+        """Returns after a `wake` (also one that came while the writer was busy: the event stays set
+        until seen here) or after `timeout`."""
         with trio.move_on_after(timeout):
             await self._changed.wait()
         if self._changed.is_set():
@@ -391,15 +409,16 @@ class _Connection:
                 try:
                     await self.stream.do_handshake()
                 except (trio.BrokenResourceError, ssl.SSLError, OSError) as exc:
-                    self._log_rejection(f"TLS handshake failed: {_tls_reason(exc)}")
+                    self._log_handshake_failure("tls", f"TLS handshake failed: {_tls_reason(exc)}")
                     return None
             try:
                 while first is None:
                     data = await self.stream.receive_some(RECEIVE_SIZE)
                     if not data:
                         if self.decoder.pending_bytes:
-                            self._log_rejection(
-                                f"closed the connection in the middle of its first frame ({self.decoder.pending_bytes} bytes)"
+                            self._log_handshake_failure(
+                                "partial hello",
+                                f"closed the connection in the middle of its first frame ({self.decoder.pending_bytes} bytes)",
                             )
                         else:
                             log.debug("relay-server: %s closed the connection without a word", self.peer)
@@ -410,7 +429,9 @@ class _Connection:
             except ProtocolError as exc:
                 problem = str(exc)
             except (trio.BrokenResourceError, ssl.SSLError, OSError) as exc:
-                self._log_rejection(f"connection failed during the handshake: {_tls_reason(exc)}")
+                self._log_handshake_failure(
+                    "connection failed", f"connection failed during the handshake: {_tls_reason(exc)}"
+                )
                 return None
         if timer.cancelled_caught:
             detail = (
@@ -418,8 +439,9 @@ class _Connection:
                 if self.decoder.pending_bytes
                 else ""
             )
-            self._log_rejection(
-                f"no hello within the handshake timeout of {self.settings.handshake_timeout:g}s{detail}"
+            self._log_handshake_failure(
+                "timeout",
+                f"no hello within the handshake timeout of {self.settings.handshake_timeout:g}s{detail}",
             )
             return None
         if problem is None and not isinstance(first, Hello):
@@ -635,6 +657,7 @@ class _Connection:
         interval = self.settings.heartbeat_interval
         state = self.state
         assert state is not None
+
         while True:
             await self._wait_change(max(0.0, self._last_send + interval - trio.current_time()))
             if self._resend_seq is not None:
@@ -677,17 +700,12 @@ class _Connection:
 
     def _log_rejection(self, text: str) -> None:
         self.server.counters.rejected += 1
-        log.warning(
-            "relay-server: client %s %s",
-            self.describe(),
-            text if text.startswith("rejected") else f"disconnected: {text}",
-        )
+        log.warning("relay-server: client %s %s", self.describe(), text)
 
-
-def _socket_address(sockname: Any) -> str:
-    if isinstance(sockname, tuple) and len(sockname) >= 2:
-        return format_address(str(sockname[0]), int(sockname[1]))
-    return str(sockname)
+    def _log_handshake_failure(self, kind: str, text: str) -> None:
+        """A connection that ended before its hello: rate-limited by `kind`, as many may fail at once."""
+        self.server.counters.rejected += 1
+        self.server.warnings.warn(kind, 1, "relay-server: client %s disconnected: %s", self.peer, text)
 
 
 def _tls_reason(exc: BaseException) -> str:

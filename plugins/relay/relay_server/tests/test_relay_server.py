@@ -331,6 +331,28 @@ async def test_a_stalled_handshake_is_closed_after_the_timeout(autojump_clock, c
     )
 
 
+async def test_many_connections_that_never_say_hello_make_a_few_lines_that_count_them(caplog) -> None:
+    settings = ServerSettings(address="127.0.0.1:0", handshake_timeout=0.2)
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            server, _, pipeline = await start_server(nursery, settings)
+            host, port = server.bound_addresses[0].rsplit(":", 1)
+            idle = [await trio.open_tcp_stream(host, int(port)) for _ in range(200)]
+            while server.counters.rejected < 200:
+                await trio.sleep(0.01)
+            pipeline.stop()
+    for stream in idle:
+        await stream.aclose()
+    lines = [
+        r.getMessage() for r in caplog.records if "no hello within the handshake timeout" in r.getMessage()
+    ]
+    assert 2 <= len(lines) <= 3, lines
+    # The first at once, naming its peer; the others counted (the last at shutdown at the latest).
+    assert re.match(r"relay-server: client 127\.0\.0\.1:\d+ disconnected: no hello within", lines[0])
+    counted = [int(m.group(1)) for line in lines if (m := re.search(r"\(and (\d+) more since", line))]
+    assert len(lines) + sum(counted) == 200
+
+
 async def test_a_silent_client_is_dropped_after_three_heartbeat_intervals(autojump_clock, caplog) -> None:
     server = RelayServer(ServerSettings(heartbeat_interval=5.0), MetricRegistry())
     client_end, server_end = trio.testing.memory_stream_pair()
