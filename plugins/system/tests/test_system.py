@@ -139,8 +139,10 @@ async def test_matching_processes_get_cpu_and_memory_per_pid(marked_processes) -
     await trio.sleep(0.3)
     second = by_metric(await poll_once(source))
     cpu = {s.consumer.id: s.values[0] for s in second["process_cpu_percent"]}
-    assert cpu[str(busy.pid)] > 30.0
-    assert cpu[str(idle.pid)] < 10.0
+    # The busy process spins (a full core on an idle machine; a share of one on a loaded one), the
+    # idle one sleeps: the measurement tells them apart whatever else runs.
+    assert cpu[str(busy.pid)] > 10.0
+    assert cpu[str(idle.pid)] < 5.0
 
     busy.kill()
     busy.wait()
