@@ -241,6 +241,22 @@ def require_service(name: str, host: str, port: int) -> None:
         pytest.skip(message)
 
 
+def require_executable(name: str, install_hint: str) -> str:
+    """The path of program `name`; skips the calling test when it is not installed, except under
+    CI=true, where a missing program is a failure (CI must install it: `install_hint`)."""
+    import shutil
+
+    import pytest
+
+    path = shutil.which(name)
+    if path is not None:
+        return path
+    message = f"{name} is not installed ({install_hint})"
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"{message}; CI must provide it")
+    pytest.skip(message)
+
+
 # -- waiting for a condition --
 
 #: How often `wait_for` and `wait_for_async` test their condition.
@@ -566,6 +582,7 @@ __all__ = [
     "open_agent",
     "output_element",
     "poll_once",
+    "require_executable",
     "run_agent",
     "require_service",
     "run_output",
