@@ -500,13 +500,24 @@ class Pipeline:
                     if callback is not None:
                         callback(True)
                     continue
-                tracker = BatchTracker(len(inboxes), callback) if callback is not None else None
                 disabled = self.disabled_outputs
-                for inbox in inboxes:
-                    if disabled and inbox.name in disabled:
-                        inbox.refuse(Envelope(batch, points, tracker, inbox), "the output is disabled")
-                    else:
-                        await inbox.put(Envelope(batch, points, tracker, inbox))
+                if disabled:
+                    # A disabled output is out of the pipeline for now: its points are counted as
+                    # dropped, and acknowledgements wait only for the enabled outputs (an operator's
+                    # choice must not make every relay client resend for ever).
+                    for inbox in inboxes:
+                        if inbox.name in disabled:
+                            inbox.refuse(Envelope(batch, points, None, inbox), "the output is disabled")
+                    enabled = [inbox for inbox in inboxes if inbox.name not in disabled]
+                    if not enabled:
+                        if callback is not None:
+                            callback(True)
+                        continue
+                else:
+                    enabled = inboxes
+                tracker = BatchTracker(len(enabled), callback) if callback is not None else None
+                for inbox in enabled:
+                    await inbox.put(Envelope(batch, points, tracker, inbox))
 
     def _without_malformed(self, batch: Batch) -> Batch:
         """Drops series whose columns differ in length: no output could write them, and one poison

@@ -357,3 +357,120 @@ def test_top_shows_the_elements_and_quits_on_q(tmp_path: Path) -> None:
                 os.kill(pid, 9)
                 os.waitpid(pid, 0)
             os.close(fd)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_plugins_add_status_sections_relay_clients_and_graphite_destinations(tmp_path: Path) -> None:
+    """The relay server lists its clients (name, address, last ack, lag); graphite-out its destinations
+    (a dead one is down, its queue shown); both through the hook `agent_control_sections`."""
+    port = free_port()
+    collector = tmp_path / "collector"
+    collector.mkdir()
+    (collector / "agent.toml").write_text(
+        f"""
+[agent]
+data_dir = "data"
+self_metrics_interval = "0s"
+[plugins.relay-server]
+address = "127.0.0.1:{port}"
+[plugins.graphite-out]
+admin_http = ""
+admin_line = ""
+[[plugins.graphite-out.routes]]
+key = "carbon"
+type = "send_all_match"
+destinations = ["127.0.0.1:1"]
+"""
+    )
+    node = tmp_path / "node"
+    node.mkdir()
+    (node / "agent.toml").write_text(
+        f"""
+[agent]
+data_dir = "data"
+self_metrics_interval = "0s"
+[plugins.system]
+poll_interval = "100ms"
+flush_interval = "100ms"
+per_cpu = false
+[plugins.relay-client]
+client_name = "node-7"
+relay_server = "127.0.0.1:{port}"
+disk_buffer = false
+"""
+    )
+    procs = []
+    try:
+        for folder in (collector, node):
+            with (folder / "agent.log").open("w") as log:
+                procs.append(
+                    subprocess.Popen(
+                        AGENT + ["--config", str(folder / "agent.toml")], cwd=folder, stdout=log, stderr=log
+                    )
+                )
+        client = ControlClient(collector / "data" / "control.sock")
+
+        def sections() -> dict[str, list[dict[str, Any]]] | None:
+            for proc in procs:
+                assert proc.poll() is None, (collector / "agent.log").read_text() + (
+                    node / "agent.log"
+                ).read_text()
+            try:
+                status = client.request("status")
+            except NoAgent:
+                return None
+            found = {s["name"]: s["rows"] for s in status["sections"]}
+            clients = found.get("relay-server clients") or []
+            if clients and clients[0]["last ack"] > 0 and found.get("graphite-out destinations"):
+                return found
+            return None
+
+        found = wait_for(sections, what="a relay client acknowledged and a destination listed")
+        [row] = found["relay-server clients"]
+        assert row["client"] == "node-7" and row["address"].startswith("127.0.0.1:")
+        assert {"last ack", "lag (batches)"} <= set(row)
+        [destination] = found["graphite-out destinations"]
+        assert destination["address"].startswith("127.0.0.1:1") and destination["route"] == "carbon"
+        down = wait_for(
+            lambda: (
+                [d for d in client.request("status")["sections"] if d["name"] == "graphite-out destinations"][
+                    0
+                ]["rows"][0]["state"]
+                != "up"
+            ),
+            what="the dead destination is not up",
+        )
+        assert down
+        routes = subprocess.run(
+            AGENT
+            + [
+                "control",
+                "run",
+                "graphite-out destinations",
+                "routes",
+                "--config",
+                str(collector / "agent.toml"),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert routes.returncode == 0, routes.stderr
+        assert json.loads(routes.stdout)[0]["key"] == "carbon"
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in procs:
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()

@@ -10,9 +10,11 @@ import logging
 from typing import Any
 
 from agent import Plugin, StartContext, hookimpl
+from agent.plugin import ControlSection
 from agent_plugins.graphite.protocol.badlines import find_recent_bad_lines
 
 from .config import GraphiteOutConfig
+from .control import AdminActions
 from .output import GraphiteOutput
 
 log = logging.getLogger(__name__)
@@ -59,3 +61,48 @@ def agent_pipeline_started(plugin_names: list[str], elements: list[Any]) -> None
         registries = find_recent_bad_lines(elements)
         for output in outputs:
             output.bad_line_sources = registries
+
+
+@hookimpl
+def agent_control_sections(plugins: dict[str, Plugin]) -> list[ControlSection]:
+    """The status page's and `agent top`'s view of each graphite-out output: its destinations (up or
+    down, queue, spool) and the recent bad lines of the Graphite listeners; `agent control run` can list
+    the routes."""
+    plugin = plugins.get(GraphiteOutPlugin.name)
+    if not isinstance(plugin, GraphiteOutPlugin):
+        return []
+    sections = []
+    for output in plugin.outputs:
+        actions = AdminActions(output)
+        sections.append(
+            ControlSection(
+                "graphite-out destinations",
+                lambda actions=actions: [_destination_row(d) for d in actions.destinations()],
+                commands={"routes": lambda _args, actions=actions: actions.routes()},
+            )
+        )
+        sections.append(
+            ControlSection(
+                "graphite recent bad lines",
+                lambda actions=actions: [
+                    {"peer": b["peer"], "reason": b["reason"], "line": b["line"]}
+                    for b in actions.bad_lines()[-10:]
+                ],
+            )
+        )
+    return sections
+
+
+def _destination_row(stats: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "route": stats["route"],
+        "address": stats["address"],
+        "state": stats["state"],
+        "queued": stats["queue_points"],
+        "queue max": stats["queue_max_points"],
+        "spool bytes": stats["spool_bytes"],
+        "sent": stats["sent"],
+        "dropped": stats["dropped_total"],
+        "down for (s)": stats["down_for_seconds"],
+        "last error": stats["last_error"] or "",
+    }

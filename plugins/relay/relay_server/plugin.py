@@ -12,6 +12,7 @@ from typing import Annotated
 import msgspec
 
 from agent import CommandLineFlag, Duration, Plugin, PluginConfig, Size, StartContext, hookimpl
+from agent.plugin import ControlSection
 from agent_plugins.relay.protocol.address import parse_address
 from agent_plugins.relay.protocol.framing import FRAME_SIZE_LIMIT
 
@@ -96,7 +97,8 @@ class RelayServerPlugin(Plugin):
                 "token authentication without TLS: tokens cross the network in clear text (set tls_cert and tls_key)"
             )
         settings = settings_from_config(config, ctx.grace_period)
-        ctx.add_source(RelayServer(settings, ctx.registry, ssl_context))
+        self.server = RelayServer(settings, ctx.registry, ssl_context)
+        ctx.add_source(self.server)
 
 
 #: `agent --relay-in 0.0.0.0:50051` on a collector: receive from relay clients on that address.
@@ -117,3 +119,13 @@ def agent_plugins() -> list[type[Plugin]]:
 @hookimpl
 def agent_command_line_flags() -> list[CommandLineFlag]:
     return [RELAY_IN_FLAG]
+
+
+@hookimpl
+def agent_control_sections(plugins: dict[str, Plugin]) -> list[ControlSection]:
+    """The relay clients connected now, for the status page and `agent top`: name, address, the last
+    batch acknowledged, and the lag (batches taken but not yet acknowledged)."""
+    plugin = plugins.get(RelayServerPlugin.name)
+    if not isinstance(plugin, RelayServerPlugin) or not hasattr(plugin, "server"):
+        return []
+    return [ControlSection("relay-server clients", plugin.server.client_rows)]

@@ -147,6 +147,24 @@ class RelayServer(AutonomousSource):
         self.warnings = RateLimitedLog(log, LOG_INTERVAL, clock=trio.current_time)
         self._sink: SourceSink | None = None
 
+    def client_rows(self) -> list[dict[str, Any]]:
+        """One row per live session, for the agent's status: client, address, last acknowledged batch,
+        lag (batches taken into the pipeline and not yet acknowledged), seconds since it last sent."""
+        now = trio.current_time()
+        rows = []
+        for connection in sorted(self.connections, key=lambda c: (c.client_name, c.peer)):
+            state = getattr(connection, "state", None)
+            rows.append(
+                {
+                    "client": connection.client_name or "(handshake)",
+                    "address": connection.peer,
+                    "last ack": state.acked_seq if state is not None else 0,
+                    "lag (batches)": state.accepted_seq - state.acked_seq if state is not None else 0,
+                    "session (s)": round(now - state.last_active, 1) if state is not None else 0.0,
+                }
+            )
+        return rows
+
     # -- listening --
 
     async def open_listeners(self) -> list[trio.SocketListener]:

@@ -125,7 +125,10 @@ async def test_a_collector_started_with_relay_in_feeds_carbon(tmp_path):
             manager = build_plugin_manager()
             plugins = collect_plugins(manager)
             config = config_module.resolve(
-                document, plugins, path=COLLECTOR_TO_CARBON, overrides=Overrides(plugin_flags=[(RELAY_IN_FLAG, "127.0.0.1:0")])
+                document,
+                plugins,
+                path=COLLECTOR_TO_CARBON,
+                overrides=Overrides(plugin_flags=[(RELAY_IN_FLAG, "127.0.0.1:0")]),
             )
             collector = Agent(config, plugins, manager)
             collector.start_plugins()
