@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from agent import Batch, Output, OutputConfig, Transform
+from agent import Batch, Output, OutputConfig, StartupError, Transform
 from agent.config import ConfigError
 from agent.testing import (
     CollectingOutput,
@@ -86,6 +86,42 @@ async def test_the_readme_source_in_a_running_pipeline(uptime, autojump_clock) -
             await trio.sleep(25)
     # Polls at 0, 10, 20: the first one at once, the later ones each after its flush interval.
     assert len(out.values("uptime")) == 3
+
+
+async def test_the_readme_service_tells_the_last_uptime(uptime) -> None:
+    ctx = start_plugin(uptime.UptimePlugin, {"poll_interval": "10s", "status_address": "127.0.0.1:0"})
+    assert [(e.kind, e.full_name) for e in ctx.elements] == [
+        ("source", "uptime"),
+        ("service", "uptime/status"),
+    ]
+    out = CollectingOutput()
+    with trio.fail_after(10):
+        async with running_pipeline(ctx.elements, [out]) as pipeline:
+            # What the service passed to task_status.started: what the agent's readiness line shows.
+            [address] = pipeline.ready["uptime/status"]
+            await out.wait_for_points(1)  # the first poll goes out at once
+            host, port = address.rsplit(":", 1)
+            stream = await trio.open_tcp_stream(host, int(port))
+            async with stream:
+                answer = b""
+                while data := await stream.receive_some():
+                    answer += data
+    word, seconds = answer.decode().split()
+    assert word == "uptime" and float(seconds) == out.values("uptime")[0]
+
+
+async def test_a_service_that_cannot_listen_stops_the_start_naming_itself(uptime) -> None:
+    ctx = start_plugin(uptime.UptimePlugin, {"status_address": "127.0.0.1:99999"})
+    with pytest.raises(ExceptionGroup) as failure:
+        async with running_pipeline(ctx.elements):
+            pass
+    group = failure.value.subgroup(StartupError)
+    while isinstance(group, BaseExceptionGroup):  # the nurseries between the test and the service
+        [group] = group.exceptions
+    assert str(group) == (
+        "service uptime/status could not start:"
+        " AddressError: '127.0.0.1:99999': port '99999' is not a number from 0 to 65535"
+    )
 
 
 class Celsius(Transform):

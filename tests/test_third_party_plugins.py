@@ -67,8 +67,8 @@ def one_line_error(result: subprocess.CompletedProcess) -> str:
     return lines[0]
 
 
-def test_the_readme_plugin_installed_appears_in_plugins_list_and_runs(tmp_path: Path) -> None:
-    site = tmp_path / "site"
+def install_readme_plugin(site: Path) -> None:
+    """The README's example plugin, as `pip install` of its package would leave it in `site`."""
     entry_points = readme_block("toml", "## Writing a plugin")
     assert '[project.entry-points."agent.plugins"]\nuptime = "agent_uptime.plugin"' in entry_points
     install_fake_distribution(
@@ -78,12 +78,17 @@ def test_the_readme_plugin_installed_appears_in_plugins_list_and_runs(tmp_path: 
         {"agent_uptime.plugin": readme_block("python", "## Writing a plugin")},
         "[agent.plugins]\nuptime = agent_uptime.plugin\n",
     )
+
+
+def test_the_readme_plugin_installed_appears_in_plugins_list_and_runs(tmp_path: Path) -> None:
+    site = tmp_path / "site"
+    install_readme_plugin(site)
     listed = run_cli(["plugins", "list"], tmp_path, site)
     assert listed.returncode == 0, listed.stderr
     header, *rows = listed.stdout.splitlines()
     assert header.split() == ["NAME", "VERSION", "ELEMENTS", "ENABLED", "ORIGIN"]
     table = {row.split()[0]: row.split(maxsplit=4) for row in rows}
-    assert table["uptime"] == ["uptime", "1.0.0", "source", "no", "agent-uptime 1.0.0"]
+    assert table["uptime"] == ["uptime", "1.0.0", "source,service", "no", "agent-uptime 1.0.0"]
     assert table["csv"] == ["csv", "0.1.0", "output", "yes", "built-in"]  # no config: the defaults
     assert table["system"][3] == "yes" and table["sqlite"][3] == "no"
 
@@ -92,6 +97,20 @@ def test_the_readme_plugin_installed_appears_in_plugins_list_and_runs(tmp_path: 
     assert ran.returncode == 0, ran.stderr
     rows = (tmp_path / "out.csv").read_text().splitlines()
     assert [row.split(";")[0] for row in rows] == ["metric", "uptime"]
+
+
+def test_the_readme_test_of_the_plugin_in_the_real_agent_passes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The plugin author's test shown in the README, run as their pytest would run it."""
+    install_readme_plugin(tmp_path / "site")
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path / "site"))  # what `pip install` does for the agent
+    source = readme_block("python", "### Testing a plugin in the real agent")
+    assert source.startswith("# the plugin's tests/test_agent.py\n")
+    namespace: dict[str, object] = {}
+    exec(compile(source, "README.md", "exec"), namespace)
+    (tmp_path / "test").mkdir()
+    namespace["test_the_agent_measures_uptime_and_tells_it"](tmp_path / "test")  # type: ignore[operator]
 
 
 def test_a_misspelled_hook_is_an_error_naming_the_plugin_and_its_distribution(tmp_path: Path) -> None:
@@ -117,9 +136,7 @@ def test_a_misspelled_hook_is_an_error_naming_the_plugin_and_its_distribution(tm
         assert one_line_error(result).startswith(
             "plugin error: plugin 'typo' (from agent-typo 0.3.0): unknown hook 'agent_plugin'"
         )
-        assert (
-            f"(the hooks are: {', '.join(KNOWN_HOOKS)})" in result.stderr
-        )
+        assert f"(the hooks are: {', '.join(KNOWN_HOOKS)})" in result.stderr
 
 
 def test_a_plugin_that_cannot_be_imported_is_named_with_its_distribution(tmp_path: Path) -> None:
