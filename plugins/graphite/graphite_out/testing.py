@@ -28,6 +28,8 @@ class FakeCarbon:
         self.pickle = pickle
         self.points: list[tuple[str, float, int]] = []
         self.connections = 0
+        #: Connections that ended (the sender closed or broke them, or `stop`).
+        self.closed = 0
         self.port = 0
         self._scope: trio.CancelScope | None = None
         self._stopped = trio.Event()
@@ -73,6 +75,12 @@ class FakeCarbon:
 
     async def _handle(self, stream: trio.SocketStream) -> None:
         self.connections += 1
+        try:
+            await self._receive(stream)
+        finally:
+            self.closed += 1
+
+    async def _receive(self, stream: trio.SocketStream) -> None:
         buffer = b""
         async with stream:
             while True:

@@ -1,102 +1,30 @@
 """graphite-in in the real agent process (`python -m agent.cli --config X`): lines in = lines out, towards
 two fake carbon-caches through graphite-out's consistent hashing, and into the csv output.
 
-Every agent process is started by `running_agent`, which kills it on any way out of the test (a failed
-assertion, the `fail_after` guard, a cancelled nursery): a test run never leaves an agent behind."""
+Every agent process is started by `agent.testing.open_agent`, which kills it on any way out of the test (a
+failed assertion, the `fail_after` guard, a cancelled nursery): a test run never leaves an agent behind."""
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import json
 import pickle
 import re
-import signal
 import struct
-import subprocess
-import sys
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import trio
 
+from agent.testing import AgentProcess, open_agent, wait_for_async
 from agent_plugins.graphite.graphite_out.testing import FakeCarbon
 from agent_plugins.graphite.protocol.hashing import ConsistentHashRing
 
 T0 = 1_700_000_000
-LISTENING = re.compile(r"graphite-in: listening: (.*)")
 
 
-class AgentProcess:
-    """The agent as a child process, with its stderr collected as it comes."""
-
-    def __init__(self, process: trio.Process) -> None:
-        self.process = process
-        self.stderr = ""
-        self._changed = trio.Event()
-        self._stderr_closed = trio.Event()
-
-    async def collect_stderr(self) -> None:
-        assert self.process.stderr is not None
-        try:
-            async for data in self.process.stderr:
-                self.stderr += data.decode(errors="replace")
-                self._changed.set()
-                self._changed = trio.Event()
-        finally:
-            self._stderr_closed.set()
-
-    async def wait_for_stderr(self, pattern: re.Pattern[str]) -> re.Match[str]:
-        while (match := pattern.search(self.stderr)) is None:
-            if self.process.returncode is not None:
-                raise AssertionError(f"the agent exited ({self.process.returncode}):\n{self.stderr}")
-            with trio.move_on_after(0.1):
-                await self._changed.wait()
-        return match
-
-    async def listening(self) -> dict[str, int]:
-        """The port of each graphite-in listener, from its log line."""
-        line = (await self.wait_for_stderr(LISTENING)).group(1)
-        return {
-            name: int(port)
-            for name, port in re.findall(r"(plaintext|udp|pickle) on 127\.0\.0\.1:(\d+)", line)
-        }
-
-    async def stop(self) -> int:
-        """SIGTERM, as a service manager stops it; returns the exit status once its last words are read."""
-        self.process.send_signal(signal.SIGTERM)
-        with trio.fail_after(30):
-            returncode = await self.process.wait()
-        with trio.move_on_after(5):
-            await self._stderr_closed.wait()
-        return returncode
-
-
-@contextlib.asynccontextmanager
-async def running_agent(tmp_path: Path, config: str) -> AsyncIterator[AgentProcess]:
-    """The agent with `config`, its stderr collected; killed when the block is left with it still running."""
-    (tmp_path / "agent.toml").write_text(config)
-    process = await trio.lowlevel.open_process(
-        [sys.executable, "-m", "agent.cli", "--config", str(tmp_path / "agent.toml")],
-        cwd=tmp_path,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    agent = AgentProcess(process)
-    try:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(agent.collect_stderr)
-            yield agent
-            nursery.cancel_scope.cancel()
-    finally:
-        # Shielded: a test that timed out is being cancelled, and the agent must still go.
-        with trio.CancelScope(shield=True):
-            if process.returncode is None:
-                process.kill()
-            await process.wait()
-            assert process.stderr is not None
-            await process.stderr.aclose()
+def listening(agent: AgentProcess) -> dict[str, int]:
+    """The port of each graphite-in listener, from the agent's readiness line."""
+    return {kind: agent.port("graphite-in", kind) for kind in agent.ready["graphite-in"]}
 
 
 async def http_get(port: int, path: str) -> bytes:
@@ -127,8 +55,7 @@ async def test_graphite_in_to_graphite_out_consistent_hashing_lines_in_equal_lin
             carbons = [FakeCarbon(), FakeCarbon()]
             for carbon in carbons:
                 await carbon.start(nursery)
-            async with running_agent(
-                tmp_path,
+            async with open_agent(
                 f"""
 [agent]
 data_dir = "data"
@@ -146,8 +73,9 @@ key = "carbon"
 type = "consistent_hashing"
 destinations = ["{carbons[0].address}:a", "{carbons[1].address}:b"]
 """,
+                directory=tmp_path,
             ) as agent:
-                ports = await agent.listening()
+                ports = listening(agent)
                 plain = [f"e2e.plain.{i} {i} {T0 + i}\n" for i in range(plain_count)]
                 plain += ["e2e.bad line\n", "e2e.tagged;host=web1;dc=eu 1.5 -1\n"]
                 await send_tcp(ports["plaintext"], "".join(plain).encode())
@@ -156,18 +84,20 @@ destinations = ["{carbons[0].address}:a", "{carbons[1].address}:b"]
                 )
                 await send_tcp(ports["pickle"], struct.pack("!L", len(frame)) + frame)
                 expected = plain_count + 1 + pickle_count
-                while sum(len(c.points) for c in carbons) < expected:
-                    await trio.sleep(0.05)
-                await trio.sleep(0.2)  # nothing more (no duplicates) arrives
-                assert sum(len(c.points) for c in carbons) == expected
+                await agent.wait_for_async(
+                    lambda: sum(len(c.points) for c in carbons) >= expected, 30, f"{expected} points"
+                )
                 # graphite-out's admin API shows graphite-in's recent bad lines.
-                admin = await agent.wait_for_stderr(
-                    re.compile(r"admin HTTP API on http://127\.0\.0\.1:(\d+)")
+                admin = await agent.wait_for_async(
+                    lambda: re.search(r"admin HTTP API on http://127\.0\.0\.1:(\d+)", agent.stderr)
                 )
                 bad_lines = json.loads(await http_get(int(admin.group(1)), "/badlines"))
-                returncode = await agent.stop()
+                returncode = await agent.stop_async()
+                # Everything the agent sent is read once its connections end: a duplicate would show.
+                await wait_for_async(lambda: all(c.closed == c.connections for c in carbons), 10)
             nursery.cancel_scope.cancel()
     assert returncode == 0, agent.stderr
+    assert sum(len(c.points) for c in carbons) == expected
     received = {path: index for index, carbon in enumerate(carbons) for path in carbon.paths}
     assert len(received) == expected
     # The tagged path went out normalised; each path went to the carbon-cache that carbon's ring names.
@@ -187,8 +117,7 @@ destinations = ["{carbons[0].address}:a", "{carbons[1].address}:b"]
 
 async def test_graphite_in_to_csv(tmp_path: Path) -> None:
     with trio.fail_after(60):
-        async with running_agent(
-            tmp_path,
+        async with open_agent(
             """
 [agent]
 self_metrics_interval = "0s"
@@ -202,17 +131,19 @@ udp = "127.0.0.1:0"
 path = "out.csv"
 flush_interval = "50ms"
 """,
+            directory=tmp_path,
         ) as agent:
-            ports = await agent.listening()
+            ports = listening(agent)
             assert set(ports) == {"plaintext", "udp"}
             await send_tcp(ports["plaintext"], b"csv.plain 1.5 1700000000\ncsv.tagged;b=2;a=1 7 1700000001\n")
             udp = trio.socket.socket(type=trio.socket.SOCK_DGRAM)
             with udp:
                 await udp.sendto(b"csv.udp 3 1700000002", ("127.0.0.1", ports["udp"]))
             output = tmp_path / "out.csv"
-            while not output.exists() or output.read_text().count("\n") < 4:
-                await trio.sleep(0.05)
-            returncode = await agent.stop()
+            await agent.wait_for_async(
+                lambda: output.exists() and output.read_text().count("\n") >= 4, 30, "3 rows in the csv file"
+            )
+            returncode = await agent.stop_async()
     assert returncode == 0, agent.stderr
     with (tmp_path / "out.csv").open(newline="") as f:
         rows = {row["metric"]: row for row in csv.DictReader(f, delimiter=";")}
@@ -221,16 +152,3 @@ flush_interval = "50ms"
     assert rows["csv.plain"]["timestamp"].startswith("2023-11-14T22:13:20")
     assert rows["csv.tagged;a=1;b=2"]["attributes"] == "a=1,b=2"
     assert rows["csv.udp"]["resource_kind"] == "local_machine"
-
-
-async def test_an_agent_is_killed_when_the_test_times_out(tmp_path: Path) -> None:
-    # What the other tests rely on: leaving running_agent by a timeout (a cancellation) kills the agent.
-    config = '[plugins.graphite-in]\nplaintext = "127.0.0.1:0"\npickle = ""\n'
-    with trio.fail_after(30):
-        with trio.move_on_after(20) as timeout:
-            async with running_agent(tmp_path, config) as agent:
-                await agent.listening()
-                timeout.deadline = trio.current_time() + 0.1
-                await trio.sleep_forever()  # a test stuck waiting for something that never comes
-    assert timeout.cancelled_caught
-    assert agent.process.returncode == -signal.SIGKILL
