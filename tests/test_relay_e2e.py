@@ -3,21 +3,18 @@
 In-process pipelines where the test needs to reach inside (a TCP proxy it cuts mid-stream, a
 three-level tier), and real `python -m agent.cli` processes where the point is what survives a kill:
 a server killed with SIGKILL and restarted mid-stream, a client killed with SIGKILL while the server is
-down, a client stopped with SIGTERM with points still in its buffer. Process tests wait on conditions
-(files, log lines) with deadlines, not on fixed sleeps.
+down, a client stopped with SIGTERM with points still in its buffer. Process tests run the agent with
+`agent.testing.open_agent` (ports from its readiness line, killed on any way out) and wait on
+conditions (files, log lines) with deadlines, not on fixed sleeps.
 """
 
 from __future__ import annotations
 
 import csv
 import itertools
-import os
 import signal
 import socket
-import subprocess
-import sys
 from collections import Counter
-from collections.abc import Callable
 from pathlib import Path
 
 import trio
@@ -33,9 +30,11 @@ from agent.testing import (
     CollectingOutput,
     make_batch,
     make_series,
+    open_agent,
     output_element,
     partial_run,
     source_element,
+    wait_for_async,
 )
 from agent_plugins.relay.relay_client.client import ClientSettings, RelayClient
 from agent_plugins.relay.relay_client.plugin import RELAY_OUT_FLAG
@@ -121,14 +120,6 @@ def relay_client(
     )
 
 
-async def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
-    with trio.move_on_after(timeout):
-        while not condition():
-            await trio.sleep(0.01)
-        return
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-
-
 class GatedOutput(CollectingOutput):
     """A slow output that finishes writes only while its gate is open: closed, the server's pipeline holds
     batches it has not written (so their acks cannot have left) for as long as the test needs."""
@@ -163,41 +154,46 @@ async def test_connections_cut_mid_stream_lose_nothing_and_duplicate_nothing(tmp
             server_pipeline = Pipeline(
                 [source_element(server, "relay-server"), output_element(received, "out")]
             )
-            await nursery.start(partial_run(server_pipeline, 5.0))
-            proxy = CuttableProxy(server.bound_addresses[0])
-            proxy_address = await nursery.start(proxy.serve)
+            async with trio.open_nursery() as servers:
+                await servers.start(partial_run(server_pipeline, 5.0))
+                proxy = CuttableProxy(server.bound_addresses[0])
+                proxy_address = await nursery.start(proxy.serve)
 
-            source = NumberedSource(batches=400, points=10)
-            client = relay_client("node-1", proxy_address, tmp_path, max_in_flight=8)
-            client_pipeline = Pipeline(
-                [source_element(source, "numbers"), output_element(client, "relay-client")]
-            )
-            await nursery.start(partial_run(client_pipeline, 5.0))
-
-            total = 400 * 10
-            for cut in range(1, 7):
-                # Each cut comes while the server's pipeline holds batches not yet written: their
-                # acks cannot have left, so the client resends them (and the server must drop them).
-                # They stay unwritten until the client has resent one, however slow the reconnection.
-                await wait_for(
-                    lambda c=cut: received.points >= c * total // 8, 20, f"point {cut * total // 8}"
+                source = NumberedSource(batches=400, points=10)
+                client = relay_client("node-1", proxy_address, tmp_path, max_in_flight=8)
+                client_pipeline = Pipeline(
+                    [source_element(source, "numbers"), output_element(client, "relay-client")]
                 )
-                received.close_gate()
-                await wait_for(
-                    lambda: server.counters.points > received.points, 20, "batches pending in the server"
-                )
-                duplicates = server.counters.duplicate_batches
-                proxy.cut()
-                await wait_for(
-                    lambda d=duplicates: server.counters.duplicate_batches > d,
-                    20,
-                    "a batch resent after the cut",
-                )
-                received.open_gate()
-            await wait_for(lambda: received.points >= total, 20, f"{total} points")
-            await trio.sleep(0.2)  # anything extra (a duplicate) would come now
-            client_pipeline.stop()
-            server_pipeline.stop()
+                async with trio.open_nursery() as clients:
+                    await clients.start(partial_run(client_pipeline, 5.0))
+                    total = 400 * 10
+                    for cut in range(1, 7):
+                        # Each cut comes while the server's pipeline holds batches not yet written: their
+                        # acks cannot have left, so the client resends them (and the server must drop
+                        # them). They stay unwritten until the client has resent one, however slow the
+                        # reconnection.
+                        await wait_for_async(
+                            lambda c=cut: received.points >= c * total // 8, 20, f"point {cut * total // 8}"
+                        )
+                        received.close_gate()
+                        await wait_for_async(
+                            lambda: server.counters.points > received.points,
+                            20,
+                            "batches pending in the server",
+                        )
+                        duplicates = server.counters.duplicate_batches
+                        proxy.cut()
+                        await wait_for_async(
+                            lambda d=duplicates: server.counters.duplicate_batches > d,
+                            20,
+                            "a batch resent after the cut",
+                        )
+                        received.open_gate()
+                    await wait_for_async(lambda: received.points >= total, 20, f"{total} points")
+                    client_pipeline.stop()
+                # The client drained: the server acknowledged all it sent. Then the server drains: all
+                # it took is in `received`, duplicates included, if any got through.
+                server_pipeline.stop()
             nursery.cancel_scope.cancel()
     values = received.values("e2e_value")
     assert proxy.cuts == 6 and client.counters.connections >= 7
@@ -228,7 +224,10 @@ async def test_a_tier_of_relays_keeps_the_node_names_and_the_metric_definitions(
                 plugins,
                 path=None,
                 overrides=Overrides(
-                    plugin_flags=[(RELAY_IN_FLAG, "127.0.0.1:0"), (RELAY_OUT_FLAG, central.bound_addresses[0])]
+                    plugin_flags=[
+                        (RELAY_IN_FLAG, "127.0.0.1:0"),
+                        (RELAY_OUT_FLAG, central.bound_addresses[0]),
+                    ]
                 ),
             )
             rack = Agent(rack_config, plugins, pm)
@@ -253,7 +252,7 @@ async def test_a_tier_of_relays_keeps_the_node_names_and_the_metric_definitions(
                 node_pipelines.append(pipeline)
             await node_pipelines[0].sink().send(make_batch(make_series("energy", [1, 2])))
             await node_pipelines[1].sink().send(make_batch(make_series("energy", [3])))
-            await wait_for(lambda: collected.points >= 3, 20, "3 points at the central collector")
+            await wait_for_async(lambda: collected.points >= 3, 20, "3 points at the central collector")
             for pipeline in (*node_pipelines, central_pipeline):
                 pipeline.stop()
             rack.stop()
@@ -266,68 +265,10 @@ async def test_a_tier_of_relays_keeps_the_node_names_and_the_metric_definitions(
 
 
 def free_port() -> int:
+    """A port nothing listens on, for a server that a test starts after its client."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-class AgentProcess:
-    """`python -m agent.cli --config FILE`, its stderr in a file."""
-
-    def __init__(self, config: Path, name: str, *extra: str) -> None:
-        self.log_path = config.parent / f"{name}.log"
-        self._log = self.log_path.open("ab")
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "agent.cli", "--config", str(config), *extra],
-            stdout=subprocess.DEVNULL,
-            stderr=self._log,
-            cwd=config.parent,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def signal(self, signum: int) -> None:
-        self.process.send_signal(signum)
-
-    async def wait(self, timeout: float) -> int:
-        with trio.move_on_after(timeout):
-            while self.process.poll() is None:
-                await trio.sleep(0.02)
-        if self.process.poll() is None:
-            self.process.kill()
-            raise AssertionError(f"the agent did not exit within {timeout}s; its log:\n{self.log()[-3000:]}")
-        self._log.close()
-        return self.process.returncode
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-            self.process.wait()
-        self._log.close()
-
-
-async def until(condition: Callable[[], bool], timeout: float, what: str, *agents: AgentProcess) -> None:
-    with trio.move_on_after(timeout):
-        while not condition():
-            for agent in agents:
-                if agent.process.poll() is not None:
-                    raise AssertionError(
-                        f"an agent exited ({agent.process.returncode}) while waiting for {what}:\n{agent.log()[-3000:]}"
-                    )
-            await trio.sleep(0.02)
-        return
-    logs = "\n".join(f"--- {a.log_path.name}\n{a.log()[-2000:]}" for a in agents)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}\n{logs}")
-
-
-def listening(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-            return True
-    except OSError:
-        return False
 
 
 def csv_points(path: Path) -> list[tuple[str, float, str]]:
@@ -346,12 +287,10 @@ def csv_points(path: Path) -> list[tuple[str, float, str]]:
     return rows
 
 
-def server_config(directory: Path, port: int, csv_flush_interval: str = "0s") -> Path:
+def server_config(directory: Path, port: int = 0, csv_flush_interval: str = "0s") -> str:
     """`csv_flush_interval`: how long the server's csv output holds batches before it writes them (and
     only then acknowledges them)."""
-    path = directory / "server.toml"
-    path.write_text(
-        f"""
+    return f"""
 [agent]
 data_dir = "{directory / "server-data"}"
 self_metrics_interval = "0s"
@@ -365,14 +304,12 @@ heartbeat_interval = "1s"
 path = "{directory / "server.csv"}"
 flush_interval = "{csv_flush_interval}"
 """
-    )
-    return path
 
 
-def client_config(directory: Path, server_port: int, body: str) -> Path:
-    path = directory / "client.toml"
-    path.write_text(
-        f"""
+def client_config(
+    directory: Path, server_port: int, body: str, buffer_timeout: str = "50ms", buffer_max_length: int = 100
+) -> str:
+    return f"""
 [agent]
 data_dir = "{directory / "client-data"}"
 self_metrics_interval = "0s"
@@ -381,8 +318,8 @@ grace_period = "5s"
 [plugins.relay-client]
 client_name = "node-1"
 relay_server = "127.0.0.1:{server_port}"
-buffer_max_length = 100
-buffer_timeout = "50ms"
+buffer_max_length = {buffer_max_length}
+buffer_timeout = "{buffer_timeout}"
 max_in_flight = 8
 
 [plugins.relay-client.retry]
@@ -390,8 +327,6 @@ initial_delay = "50ms"
 max_delay = "200ms"
 {body}
 """
-    )
-    return path
 
 
 async def send_graphite_lines(port: int, lines: list[str], per_write: int, pause: float) -> None:
@@ -405,62 +340,47 @@ async def send_graphite_lines(port: int, lines: list[str], per_write: int, pause
 async def test_a_server_killed_mid_stream_loses_nothing(tmp_path) -> None:
     """graphite-in on the client, csv on the server: the server is SIGKILLed while points flow, then
     restarted. Every point arrives; the only duplicates are of batches in flight at the kill."""
-    server_port, graphite_port = free_port(), free_port()
     # The server's output writes (and only then acknowledges) every 300 ms, and the kill comes half-way
     # between two writes: batches the client sent are in the server's memory, unwritten. A client that
     # let go of batches when it sent them, not when the server acknowledged them, would lose those.
-    server_toml = server_config(tmp_path, server_port, csv_flush_interval="300ms")
-    client_toml = client_config(
-        tmp_path,
-        server_port,
-        f"""
-[plugins.graphite-in]
-plaintext = "127.0.0.1:{graphite_port}"
-pickle = ""
-""",
-    )
     count, per_write = 12_000, 200
     lines = [f"e2e.m{i % 7} {i} 1700000000\n" for i in range(count)]
-    server = AgentProcess(server_toml, "server")
-    client = None
-    try:
-        with trio.fail_after(60):
-            await until(lambda: listening(server_port), 10, "the server to listen", server)
-            client = AgentProcess(client_toml, "client")
-            await until(lambda: listening(graphite_port), 10, "the client's graphite-in", client)
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(send_graphite_lines, graphite_port, lines, per_write, 0.02)
-                await until(
-                    lambda: len(csv_points(tmp_path / "server.csv")) >= count // 3,
-                    20,
-                    "a third of the points",
-                    server,
-                    client,
-                )
-                written = (tmp_path / "server.csv").stat().st_size
-                await until(
-                    lambda: (tmp_path / "server.csv").stat().st_size > written, 5, "a write", server, client
-                )
-                await trio.sleep(0.15)
-                server.signal(signal.SIGKILL)
-                await server.wait(5)
-            server = AgentProcess(server_toml, "server")
-            await until(
-                lambda: len({v for _, v, _ in csv_points(tmp_path / "server.csv")}) >= count,
-                30,
-                "every point",
-                server,
-                client,
-            )
-            client.signal(signal.SIGTERM)
-            assert await client.wait(10) == 0
-            server.signal(signal.SIGTERM)
-            assert await server.wait(10) == 0
-    finally:
-        server.stop()
-        if client is not None:
-            client.stop()
-    points = csv_points(tmp_path / "server.csv")
+    server_csv = tmp_path / "server.csv"
+    with trio.fail_after(60):
+        server_toml = server_config(tmp_path, csv_flush_interval="300ms")
+        async with open_agent(server_toml, directory=tmp_path, name="server") as server:
+            server_port = server.port("relay-server")
+            graphite_in = '[plugins.graphite-in]\nplaintext = "127.0.0.1:0"\npickle = ""\n'
+            client_toml = client_config(tmp_path, server_port, graphite_in)
+            async with open_agent(client_toml, directory=tmp_path, name="client") as client:
+                graphite_port = client.port("graphite-in", "plaintext")
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(send_graphite_lines, graphite_port, lines, per_write, 0.02)
+                    agents = [server, client]
+                    await wait_for_async(
+                        lambda: len(csv_points(server_csv)) >= count // 3,
+                        20,
+                        "a third of the points",
+                        watch=agents,
+                    )
+                    written = server_csv.stat().st_size
+                    await wait_for_async(
+                        lambda: server_csv.stat().st_size > written, 5, "a write", watch=agents
+                    )
+                    await trio.sleep(0.15)  # not a wait: where the kill falls, half-way to the next write
+                    server.kill()
+                # Restarted on its port: the client reconnects and sends what was not acknowledged.
+                server_toml = server_config(tmp_path, server_port, csv_flush_interval="300ms")
+                async with open_agent(server_toml, directory=tmp_path, name="server") as restarted:
+                    await wait_for_async(
+                        lambda: len({v for _, v, _ in csv_points(server_csv)}) >= count,
+                        30,
+                        "every point",
+                        watch=[restarted, client],
+                    )
+                    assert await client.stop_async(10) == 0, client.stderr
+                    assert await restarted.stop_async(10) == 0, restarted.stderr
+    points = csv_points(server_csv)
     values = Counter(v for _, v, _ in points)
     assert set(values) == set(range(count))
     assert all(attributes == "relay_client=node-1" for _, _, attributes in points)
@@ -476,10 +396,7 @@ async def test_a_client_killed_while_the_server_is_down_delivers_its_disk_buffer
 ) -> None:
     server_port = free_port()
     count = 3000
-    client_toml = client_config(
-        tmp_path,
-        server_port,
-        f"""
+    synthetic = f"""
 [plugins.synthetic]
 series = 3
 points_per_batch = 300
@@ -490,38 +407,31 @@ metric_prefix = "kill"
 [plugins.csv]
 path = "{tmp_path / "client.csv"}"
 flush_interval = "0s"
-""",
-    )
-    client = AgentProcess(client_toml, "client", "--log-level", "debug")
-    server = None
-    try:
-        with trio.fail_after(60):
+"""
+    with trio.fail_after(60):
+        client_toml = client_config(tmp_path, server_port, synthetic)
+        async with open_agent(
+            client_toml, "--log-level", "debug", directory=tmp_path, name="client"
+        ) as client:
             # The server is down: every point goes to the client's disk buffer, then the client dies.
-            await until(
-                lambda: f"{count} points buffered since start" in client.log(), 20, "the disk buffer", client
+            await client.wait_for_async(
+                lambda: f"{count} points buffered since start" in client.stderr, 20, "the disk buffer"
             )
-            client.signal(signal.SIGKILL)
-            await client.wait(5)
-            server = AgentProcess(server_config(tmp_path, server_port), "server")
-            await until(lambda: listening(server_port), 10, "the server to listen", server)
+            client.kill()
+        async with open_agent(
+            server_config(tmp_path, server_port), directory=tmp_path, name="server"
+        ) as server:
             # Restarted without its source: it only delivers what its disk buffer holds.
-            client_config(tmp_path, server_port, "")
-            client = AgentProcess(client_toml, "client")
-            await until(
-                lambda: len(csv_points(tmp_path / "server.csv")) >= count,
-                20,
-                "every buffered point",
-                server,
-                client,
-            )
-            client.signal(signal.SIGTERM)
-            assert await client.wait(10) == 0
-            server.signal(signal.SIGTERM)
-            assert await server.wait(10) == 0
-    finally:
-        client.stop()
-        if server is not None:
-            server.stop()
+            client_toml = client_config(tmp_path, server_port, "")
+            async with open_agent(client_toml, directory=tmp_path, name="client") as client:
+                await wait_for_async(
+                    lambda: len(csv_points(tmp_path / "server.csv")) >= count,
+                    20,
+                    "every buffered point",
+                    watch=[server, client],
+                )
+                assert await client.stop_async(10) == 0, client.stderr
+                assert await server.stop_async(10) == 0, server.stderr
     generated = Counter((m, v) for m, v, _ in csv_points(tmp_path / "client.csv"))
     delivered = Counter((m, v) for m, v, _ in csv_points(tmp_path / "server.csv"))
     assert sum(generated.values()) == count
@@ -531,12 +441,8 @@ flush_interval = "0s"
 
 async def test_sigterm_flushes_what_the_client_buffered(tmp_path) -> None:
     """buffer_timeout is an hour: the points wait in the client's buffer until SIGTERM sends them."""
-    server_port = free_port()
     count = 500
-    client_toml = client_config(
-        tmp_path,
-        server_port,
-        f"""
+    synthetic = f"""
 [plugins.synthetic]
 series = 5
 points_per_batch = 50
@@ -545,50 +451,33 @@ total_points = {count}
 [plugins.csv]
 path = "{tmp_path / "client.csv"}"
 flush_interval = "0s"
-""",
-    )
-    text = (
-        client_toml.read_text()
-        .replace('buffer_timeout = "50ms"', 'buffer_timeout = "1h"')
-        .replace("buffer_max_length = 100", "buffer_max_length = 100000")
-    )
-    client_toml.write_text(text)
-    server = AgentProcess(server_config(tmp_path, server_port), "server")
-    client = None
-    try:
-        with trio.fail_after(60):
-            await until(lambda: listening(server_port), 10, "the server to listen", server)
-            client = AgentProcess(client_toml, "client")
-            await until(
-                lambda: len(csv_points(tmp_path / "client.csv")) >= count,
-                20,
-                "the points in the client",
-                client,
+"""
+    with trio.fail_after(60):
+        async with open_agent(server_config(tmp_path), directory=tmp_path, name="server") as server:
+            client_toml = client_config(
+                tmp_path,
+                server.port("relay-server"),
+                synthetic,
+                buffer_timeout="1h",
+                buffer_max_length=100_000,
             )
-            assert csv_points(tmp_path / "server.csv") == []  # still in the client's buffer
-            client.signal(signal.SIGTERM)
-            assert await client.wait(10) == 0
-            # The client exits only once the server acknowledged: the points are written by then.
-            assert len(csv_points(tmp_path / "server.csv")) == count
-            server.signal(signal.SIGTERM)
-            assert await server.wait(10) == 0
-    finally:
-        server.stop()
-        if client is not None:
-            client.stop()
+            async with open_agent(client_toml, directory=tmp_path, name="client") as client:
+                await client.wait_for_async(
+                    lambda: len(csv_points(tmp_path / "client.csv")) >= count, 20, "the points in the client"
+                )
+                assert csv_points(tmp_path / "server.csv") == []  # still in the client's buffer
+                assert await client.stop_async(10) == 0, client.stderr
+                # The client exits only once the server acknowledged: the points are written by then.
+                assert len(csv_points(tmp_path / "server.csv")) == count
+                assert await server.stop_async(10) == 0, server.stderr
 
 
 async def test_the_command_line_flags_alone_make_a_relay_and_sigint_flushes(tmp_path) -> None:
     """`--relay-in` and `--relay-out` on configs without any relay table: each enables its plugin with
     the defaults (the client's disk buffer under [agent] data_dir, buffer_timeout 30s); SIGINT stops
     the client the way SIGTERM does, delivering what it buffered."""
-    server_port = free_port()
     count = 500
-    (tmp_path / "server").mkdir()
-    (tmp_path / "client").mkdir()
-    server_toml = tmp_path / "server" / "agent.toml"
-    server_toml.write_text(
-        f"""
+    server_toml = f"""
 [agent]
 self_metrics_interval = "0s"
 
@@ -596,10 +485,7 @@ self_metrics_interval = "0s"
 path = "{tmp_path / "server.csv"}"
 flush_interval = "0s"
 """
-    )
-    client_toml = tmp_path / "client" / "agent.toml"
-    client_toml.write_text(
-        f"""
+    client_toml = f"""
 [agent]
 data_dir = "client-data"
 self_metrics_interval = "0s"
@@ -613,30 +499,21 @@ total_points = {count}
 path = "{tmp_path / "client.csv"}"
 flush_interval = "0s"
 """
-    )
-    server = AgentProcess(server_toml, "server", "--relay-in", f"127.0.0.1:{server_port}")
-    client = None
-    try:
-        with trio.fail_after(60):
-            await until(lambda: listening(server_port), 10, "the server to listen", server)
-            client = AgentProcess(client_toml, "client", "--relay-out", f"127.0.0.1:{server_port}")
-            await until(
-                lambda: len(csv_points(tmp_path / "client.csv")) >= count,
-                20,
-                "the points in the client",
-                client,
-            )
-            assert csv_points(tmp_path / "server.csv") == []  # within buffer_timeout: still buffered
-            client.signal(signal.SIGINT)
-            assert await client.wait(10) == 0
-            server.signal(signal.SIGINT)
-            assert await server.wait(10) == 0
-    finally:
-        server.stop()
-        if client is not None:
-            client.stop()
+    with trio.fail_after(60):
+        relay_in = ["--relay-in", "127.0.0.1:0"]
+        async with open_agent(server_toml, *relay_in, directory=tmp_path / "server", name="server") as server:
+            relay_out = ["--relay-out", server.addresses("relay-server")[0]]
+            async with open_agent(
+                client_toml, *relay_out, directory=tmp_path / "client", name="client"
+            ) as client:
+                await client.wait_for_async(
+                    lambda: len(csv_points(tmp_path / "client.csv")) >= count, 20, "the points in the client"
+                )
+                assert csv_points(tmp_path / "server.csv") == []  # within buffer_timeout: still buffered
+                assert await client.stop_async(10, signal.SIGINT) == 0, client.stderr
+                assert await server.stop_async(10, signal.SIGINT) == 0, server.stderr
     points = csv_points(tmp_path / "server.csv")
     assert len(points) == count
     assert {attributes for _, _, attributes in points} == {f"relay_client={socket.gethostname()}"}
     assert (tmp_path / "client" / "client-data" / "relay-client" / "stream.msgpack").is_file()
-    assert "started plugins: csv, relay-server" in server.log()
+    assert "started plugins: csv, relay-server" in server.stderr
