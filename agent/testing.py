@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import codecs
 import contextlib
+import inspect
 import json
 import os
 import re
@@ -47,7 +48,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -299,17 +300,20 @@ def wait_for(
 
 
 async def wait_for_async(
-    predicate: Callable[[], T],
+    predicate: Callable[[], T | Awaitable[T]],
     timeout: float = 10.0,
     what: str = "the condition",
     *,
     watch: Sequence[AgentProcess] = (),
     every: float = POLL_INTERVAL,
 ) -> T:
-    """`wait_for` for trio tests: other tasks run while it waits."""
+    """`wait_for` for trio tests: other tasks run while it waits. `predicate` may be async (poll a
+    source until it shows something, ask a server)."""
     deadline = trio.current_time() + timeout
     while True:
         result = predicate()
+        if inspect.isawaitable(result):
+            result = await result
         if result:
             return result
         _check_watched(watch, what)

@@ -4,18 +4,18 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import uuid
 from collections import namedtuple
 from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
 import pytest
-import trio
 
 from agent.config import ConfigError, convert_section
 from agent.model import Batch, MetricRegistry
 from agent.plugin import StartContext
-from agent.testing import CollectingOutput, poll_once, running_pipeline, source_element
+from agent.testing import CollectingOutput, poll_once, running_pipeline, source_element, wait_for_async
 from agent_plugins.system.plugin import METRICS, SystemConfig, SystemPlugin, SystemSource, cpu_busy_percent
 
 
@@ -50,8 +50,13 @@ def test_start_registers_every_metric_with_its_unit(tmp_path: Path) -> None:
 
 async def test_poll_gives_machine_metrics_with_resources_and_units() -> None:
     source = make_source()
-    await trio.sleep(0.06)  # enough for a CPU percentage since the priming sample
-    batch = await poll_once(source, 123)
+
+    async def with_cpu_percent() -> Batch | None:
+        # A CPU percentage needs a clock tick since the priming sample.
+        batch = await poll_once(source, 123)
+        return batch if "cpu_percent" in by_metric(batch) else None
+
+    batch = await wait_for_async(with_cpu_percent, 10, "a CPU percentage")
     metrics = by_metric(batch)
     registry_units = {m.name: m.unit for m in METRICS}
     assert set(metrics) <= set(registry_units)
@@ -110,13 +115,18 @@ async def test_excluded_devices_are_left_out() -> None:
     assert "lo" not in nics and not any(n.startswith("e") for n in nics)
 
 
+Marked = namedtuple("Marked", "busy idle pattern")
+
+
 @pytest.fixture
-def marked_processes() -> Iterator[tuple[subprocess.Popen, subprocess.Popen]]:
-    """A busy and an idle Python process, each with a marker in its command line."""
-    busy = subprocess.Popen([sys.executable, "-c", "while True: pass", "agent-test-marker-busy"])
-    idle = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "agent-test-marker-idle"])
+def marked_processes() -> Iterator[Marked]:
+    """A busy and an idle Python process, each with a marker in its command line; the marker is this
+    test's own, as other test runs on the machine start such processes too."""
+    marker = f"agent-test-marker-{uuid.uuid4().hex}"
+    busy = subprocess.Popen([sys.executable, "-c", "while True: pass", f"{marker}-busy"])
+    idle = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", f"{marker}-idle"])
     try:
-        yield busy, idle
+        yield Marked(busy, idle, f"*{marker}-*")
     finally:
         for p in (busy, idle):
             p.kill()
@@ -124,8 +134,8 @@ def marked_processes() -> Iterator[tuple[subprocess.Popen, subprocess.Popen]]:
 
 
 async def test_matching_processes_get_cpu_and_memory_per_pid(marked_processes) -> None:
-    busy, idle = marked_processes
-    source = make_source(processes=["*agent-test-marker-*"])
+    busy, idle, pattern = marked_processes
+    source = make_source(processes=[pattern])
     first = by_metric(await poll_once(source))
     rss = {s.consumer.id: s for s in first["process_memory_rss"]}
     assert set(rss) == {str(busy.pid), str(idle.pid)}
@@ -136,12 +146,13 @@ async def test_matching_processes_get_cpu_and_memory_per_pid(marked_processes) -
     # The first sight of a process only primes its CPU measurement.
     assert "process_cpu_percent" not in first
 
-    await trio.sleep(0.3)
-    second = by_metric(await poll_once(source))
-    cpu = {s.consumer.id: s.values[0] for s in second["process_cpu_percent"]}
+    async def cpu_shares() -> dict[str, float] | None:
+        cpu = {s.consumer.id: s.values[0] for s in by_metric(await poll_once(source))["process_cpu_percent"]}
+        return cpu if cpu[str(busy.pid)] > 10.0 else None
+
     # The busy process spins (a full core on an idle machine; a share of one on a loaded one), the
-    # idle one sleeps: the measurement tells them apart whatever else runs.
-    assert cpu[str(busy.pid)] > 10.0
+    # idle one sleeps: polls a few tenths of a second apart tell them apart whatever else runs.
+    cpu = await wait_for_async(cpu_shares, 20, "the busy process's CPU share", every=0.3)
     assert cpu[str(idle.pid)] < 5.0
 
     busy.kill()
@@ -151,15 +162,19 @@ async def test_matching_processes_get_cpu_and_memory_per_pid(marked_processes) -
 
 
 async def test_process_cpu_floor_and_limit(marked_processes) -> None:
-    busy, _ = marked_processes
-    floored = make_source(processes=["*agent-test-marker-*"], process_min_cpu_percent=20.0)
-    limited = make_source(processes=["*agent-test-marker-*"], max_processes=1)
+    busy, _, pattern = marked_processes
+    floored = make_source(processes=[pattern], process_min_cpu_percent=20.0)
+    limited = make_source(processes=[pattern], max_processes=1)
     assert "process_memory_rss" not in by_metric(await poll_once(floored))  # no CPU share known yet
     assert len(by_metric(await poll_once(limited))["process_memory_rss"]) == 1
-    await trio.sleep(0.3)
     for source in (floored, limited):
-        metrics = by_metric(await poll_once(source))
-        assert [s.consumer.id for s in metrics["process_memory_rss"]] == [str(busy.pid)]
+
+        async def only_busy_listed(source: SystemSource = source) -> bool:
+            rss = by_metric(await poll_once(source)).get("process_memory_rss", [])
+            return [s.consumer.id for s in rss] == [str(busy.pid)]
+
+        # Once the CPU shares show (polls a few tenths of a second apart): the idle one is left out.
+        await wait_for_async(only_busy_listed, 20, "only the busy process listed", every=0.3)
 
 
 async def test_a_failing_section_costs_only_itself(monkeypatch, caplog) -> None:
@@ -205,9 +220,7 @@ async def test_runs_in_a_pipeline_flushing_several_polls_at_once() -> None:
     source = make_source(poll_interval="50ms", flush_interval="150ms", per_cpu=False)
     out = CollectingOutput()
     async with running_pipeline([source_element(source, "system")], outputs=[out]):
-        with trio.fail_after(20):
-            while len(out.batches) < 2:
-                await trio.sleep(0.5)
+        await wait_for_async(lambda: len(out.batches) >= 2, 20, "two batches")
     # The first poll goes out at once, then three polls per batch, one series per metric.
     first, second = ([s for s in batch.series if s.metric == "memory_size"] for batch in out.batches[:2])
     assert [len(first[0].timestamps), len(second[0].timestamps)] == [1, 3]
