@@ -34,6 +34,7 @@ BUILTIN_PLUGIN_MODULES: tuple[str, ...] = (
     "agent_plugins.relay.relay_server.plugin",
     "agent_plugins.graphite.graphite_in.plugin",
     "agent_plugins.graphite.graphite_out.plugin",
+    "agent_plugins.graphite.amqp_in.plugin",
 )
 
 

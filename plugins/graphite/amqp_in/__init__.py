@@ -1,0 +1,1 @@
+"""The `amqp-in` source plugin: Graphite plaintext lines from a RabbitMQ queue."""
