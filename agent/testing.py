@@ -21,9 +21,14 @@ Everything runs on the real pipeline, so queues, acknowledgements and shutdown b
 `run_agent` (or `open_agent` in a trio test) runs the real `agent` command as a child process, with a
 config written to a folder, and waits for its readiness line, which gives the ports it bound:
 
+    CONFIG = '''
+    [plugins.my-listener]
+    address = "127.0.0.1:0"
+    '''
+
     def test_my_listener_in_the_agent(tmp_path):
-        with run_agent('[plugins.my-listener]\naddress = "127.0.0.1:0"\n', directory=tmp_path) as agent:
-            send_to(agent.port("my-listener"))
+        with run_agent(CONFIG, directory=tmp_path) as agent:
+            send_to(agent.port("my-listener"))  # from the readiness line
             agent.wait_for(lambda: "1 point" in agent.stderr, timeout=10, what="the point")
             assert agent.stop() == 0
 

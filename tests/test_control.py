@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 
+from agent import testing
 from agent.control_client import ControlClient, NoAgent
 
 AGENT = [sys.executable, "-m", "agent.cli"]
@@ -43,21 +44,19 @@ flush_interval = "0s"
 
 
 def wait_for(predicate: Any, timeout: float = 30.0, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"{what}: not met within {timeout} s")
+    """agent.testing's wait, with this file's longer default: agents here answer through a socket."""
+    return testing.wait_for(predicate, timeout, what)
 
 
 class RunningAgent:
-    def __init__(self, tmp_path: Path, proc: subprocess.Popen, config: Path) -> None:
-        self.tmp_path = tmp_path
-        self.proc = proc
-        self.config = config
-        self.client = ControlClient(tmp_path / "data" / "control.sock")
+    """An agent started by agent.testing.run_agent, with this file's ways to talk to it."""
+
+    def __init__(self, process: testing.AgentProcess) -> None:
+        self.process = process
+        self.proc = process.process
+        self.tmp_path = process.directory
+        self.config = process.directory / "agent.toml"
+        self.client = ControlClient(self.tmp_path / "data" / "control.sock")
 
     def control(self, *args: str, config_first: bool = False) -> subprocess.CompletedProcess:
         where = ["--config", str(self.config)]
@@ -69,31 +68,22 @@ class RunningAgent:
         return next(e for e in status["elements"] if e["name"] == name) | {"uptime": status["uptime"]}
 
     def log(self) -> str:
-        return (self.tmp_path / "agent.log").read_text()
+        return self.process.stderr
 
 
 @contextlib.contextmanager
 def running_agent(tmp_path: Path, poll: str = "200ms", agent_extra: str = "") -> Iterator[RunningAgent]:
-    config = tmp_path / "agent.toml"
-    config.write_text(CONFIG.format(poll=poll, agent_extra=agent_extra))
-    with (tmp_path / "agent.log").open("w") as log:
-        proc = subprocess.Popen(AGENT + ["--config", str(config)], cwd=tmp_path, stderr=log, stdout=log)
-    agent = RunningAgent(tmp_path, proc, config)
-    try:
+    with testing.run_agent(CONFIG.format(poll=poll, agent_extra=agent_extra), directory=tmp_path) as process:
+        agent = RunningAgent(process)
 
         def up() -> bool:
-            assert proc.poll() is None, agent.log()
             try:
                 return agent.element("system")["counters"]["polls"] > 0
             except NoAgent:
                 return False
 
-        wait_for(up, what="the agent answers on its socket")
+        process.wait_for(up, 30, "the agent answers on its socket")
         yield agent
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
 
 
 def polls_per_second(agent: RunningAgent, seconds: float) -> float:
@@ -359,27 +349,15 @@ def test_top_shows_the_elements_and_quits_on_q(tmp_path: Path) -> None:
             os.close(fd)
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_plugins_add_status_sections_relay_clients_and_graphite_destinations(tmp_path: Path) -> None:
     """The relay server lists its clients (name, address, last ack, lag); graphite-out its destinations
     (a dead one is down, its queue shown); both through the hook `agent_control_sections`."""
-    port = free_port()
-    collector = tmp_path / "collector"
-    collector.mkdir()
-    (collector / "agent.toml").write_text(
-        f"""
+    collector_toml = """
 [agent]
 data_dir = "data"
 self_metrics_interval = "0s"
 [plugins.relay-server]
-address = "127.0.0.1:{port}"
+address = "127.0.0.1:0"
 [plugins.graphite-out]
 admin_http = ""
 admin_line = ""
@@ -388,11 +366,7 @@ key = "carbon"
 type = "send_all_match"
 destinations = ["127.0.0.1:1"]
 """
-    )
-    node = tmp_path / "node"
-    node.mkdir()
-    (node / "agent.toml").write_text(
-        f"""
+    node_toml = """
 [agent]
 data_dir = "data"
 self_metrics_interval = "0s"
@@ -402,26 +376,19 @@ flush_interval = "100ms"
 per_cpu = false
 [plugins.relay-client]
 client_name = "node-7"
-relay_server = "127.0.0.1:{port}"
+relay_server = "{server}"
 disk_buffer = false
 """
-    )
-    procs = []
-    try:
-        for folder in (collector, node):
-            with (folder / "agent.log").open("w") as log:
-                procs.append(
-                    subprocess.Popen(
-                        AGENT + ["--config", str(folder / "agent.toml")], cwd=folder, stdout=log, stderr=log
-                    )
-                )
+    collector, node = tmp_path / "collector", tmp_path / "node"
+    with (
+        testing.run_agent(collector_toml, directory=collector) as collector_agent,
+        testing.run_agent(
+            node_toml.format(server=collector_agent.addresses("relay-server")[0]), directory=node
+        ) as node_agent,
+    ):
         client = ControlClient(collector / "data" / "control.sock")
 
         def sections() -> dict[str, list[dict[str, Any]]] | None:
-            for proc in procs:
-                assert proc.poll() is None, (collector / "agent.log").read_text() + (
-                    node / "agent.log"
-                ).read_text()
             try:
                 status = client.request("status")
             except NoAgent:
@@ -432,7 +399,12 @@ disk_buffer = false
                 return found
             return None
 
-        found = wait_for(sections, what="a relay client acknowledged and a destination listed")
+        found = testing.wait_for(
+            sections,
+            30,
+            "a relay client acknowledged and a destination listed",
+            watch=[collector_agent, node_agent],
+        )
         [row] = found["relay-server clients"]
         assert row["client"] == "node-7" and row["address"].startswith("127.0.0.1:")
         assert {"last ack", "lag (batches)"} <= set(row)
@@ -464,13 +436,3 @@ disk_buffer = false
         )
         assert routes.returncode == 0, routes.stderr
         assert json.loads(routes.stdout)[0]["key"] == "carbon"
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.terminate()
-        for proc in procs:
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()

@@ -9,6 +9,7 @@ import h11
 import msgspec
 import trio
 
+from agent.testing import wait_for_async
 from agent_plugins.graphite.graphite_out.admin_line import handle_command
 from agent_plugins.graphite.graphite_out.control import AdminActions
 from agent_plugins.graphite.graphite_out.testing import (
@@ -251,7 +252,9 @@ async def test_live_changes_lose_no_points(tmp_path):
                 assert not done.is_set()  # every change came while points were flowing
                 await done.wait()
                 await main.wait_for(len(sent))
-                await trio.sleep(0.1)  # nothing more (no duplicates) arrives
+            # The output stopped and closed its connections: once main has read them to their end, a
+            # duplicate would show.
+            await wait_for_async(lambda: main.closed == main.connections, 10, "main's connections to end")
             assert main.paths == sent
             assert output.counters.points_in == len(sent) and output.counters.unroutable == 0
             nursery.cancel_scope.cancel()
