@@ -10,6 +10,7 @@ Plugin authors import what they need from here (`hookimpl`, `Plugin`, the model 
         return [MyPlugin]
 """
 
+#: The package's version. The plugin API has a version of its own: `API_VERSION` (see agent.api).
 __version__ = "0.1.0"
 
 import pluggy
@@ -21,6 +22,7 @@ hookimpl = pluggy.HookimplMarker(PROJECT_NAME)
 
 # The re-exports come after `hookimpl` and `__version__`: agent.plugin imports agent.model and
 # agent.units, which need nothing from this package's namespace, so no cycle can form.
+from agent.api import API_VERSION  # noqa: E402
 from agent.backoff import Backoff  # noqa: E402
 from agent.decoding import MalformedData, decode_untrusted  # noqa: E402
 from agent.errors import StartupError, describe_exception  # noqa: E402
@@ -63,6 +65,7 @@ from agent.tasks import ChangeNotifier, Reconnector, supervise  # noqa: E402
 from agent.units import Duration, NonNegativeDuration, PositiveDuration, Size  # noqa: E402
 
 __all__ = [
+    "API_VERSION",
     "CONSUMER_KINDS",
     "LOCAL_MACHINE",
     "LOCAL_MACHINE_CONSUMER",

@@ -4,7 +4,7 @@
 
 (`--relay-out` and `--relay-in` are declared by the relay plugins through the `agent_command_line_flags`
 hook: any plugin can add a flag that enables it and sets one of its keys.)
-    agent plugins list
+    agent plugins list [--format json]
     agent config regen
     agent exec -- CMD ARGS...
     agent control list|status|pause|resume|set-period|poll|enable|disable|flush|stop|run ...
@@ -43,6 +43,7 @@ from agent.manager import (
     PluginEntry,
     PluginLoadError,
     build_plugin_manager,
+    check_enabled,
     collect_command_line_flags,
     collect_plugins,
 )
@@ -177,6 +178,10 @@ def run_agent(options: Options, *, once: bool = False, command: list[str] | None
     cfg = load_config(options, plugins)
     if options.log_level is None:
         setup_logging(cfg.agent.log_level)
+    try:
+        check_enabled(plugins, cfg.plugins)
+    except PluginLoadError as exc:
+        raise fail(f"plugin error: {exc}", 1) from None
     agent = Agent(cfg, plugins, pm, control=True)
     try:
         agent.start_plugins()
@@ -233,25 +238,59 @@ def exec_command(
 
 
 @plugins_app.command("list")
-def plugins_list(ctx: typer.Context) -> None:
-    """List installed plugins: name, version, elements, enabled, origin."""
+def plugins_list(
+    ctx: typer.Context,
+    output_format: Annotated[
+        str, typer.Option("--format", help="table (for people) or json (one array of objects).")
+    ] = "table",
+) -> None:
+    """List installed plugins: name, version, elements, enabled, API range, origin.
+
+    ENABLED is "refused" for a plugin whose `agent_api` range excludes this agent's API version."""
     options: Options = ctx.obj
+    if output_format not in ("table", "json"):
+        raise fail(f"usage error: --format: expected table or json, got {output_format!r}")
     _, plugins = discover()
     cfg = load_config(options, plugins, create=False)
-    rows = [("NAME", "VERSION", "ELEMENTS", "ENABLED", "ORIGIN")]
+    if output_format == "json":
+        typer.echo(
+            json.dumps([plugin_summary(entry, name in cfg.plugins) for name, entry in plugins.items()])
+        )
+        return
+    rows = [("NAME", "VERSION", "ELEMENTS", "ENABLED", "API", "ORIGIN")]
     for name, entry in plugins.items():
+        enabled = "refused" if entry.refusal is not None else "yes" if name in cfg.plugins else "no"
         rows.append(
             (
                 name,
                 entry.cls.version,
                 ",".join(entry.cls.provides) or "-",
-                "yes" if name in cfg.plugins else "no",
+                enabled,
+                entry.cls.agent_api or "any",
                 entry.origin,
             )
         )
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for row in rows:
         typer.echo("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
+
+
+def plugin_summary(entry: PluginEntry, enabled: bool) -> dict[str, object]:
+    """One plugin in `plugins list --format json`."""
+    return {
+        "name": entry.cls.name,
+        "version": entry.cls.version,
+        "kinds": list(entry.cls.provides),
+        "description": entry.cls.description,
+        "enabled": enabled and entry.refusal is None,
+        "refused": entry.refusal,
+        "api": entry.cls.agent_api,
+        "origin": {
+            "builtin": entry.builtin,
+            "distribution": entry.distribution,
+            "version": entry.distribution_version,
+        },
+    }
 
 
 @config_app.command("regen")

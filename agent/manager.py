@@ -8,12 +8,14 @@ from __future__ import annotations
 import importlib
 import importlib.metadata
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass
 from types import ModuleType
 
 import pluggy
 
-from agent import hookspecs
+from agent import __version__, hookspecs
+from agent.api import API_VERSION, InvalidApiRange, api_accepts
 from agent.hookspecs import PROJECT_NAME
 from agent.plugin import CommandLineFlag, Plugin
 
@@ -44,10 +46,27 @@ class PluginLoadError(Exception):
 
 @dataclass(frozen=True)
 class PluginEntry:
-    """A plugin class and where it came from ("built-in" or "DIST VERSION")."""
+    """A plugin class and where it came from ("built-in" or "DIST VERSION").
+
+    `distribution` and `distribution_version` name the installed distribution (the agent's own for a
+    built-in). `refusal` says why the plugin cannot run on this agent (its `agent_api` range excludes
+    `API_VERSION`), None when it can: a refused plugin is listed, and enabling it is an error.
+    """
 
     cls: type[Plugin]
     origin: str
+    distribution: str = "measurement-agent"
+    distribution_version: str = __version__
+    refusal: str | None = None
+
+    @property
+    def builtin(self) -> bool:
+        return self.origin == "built-in"
+
+    def describe(self) -> str:
+        """`plugin 'NAME' (from DIST VERSION)`, as load errors name a plugin."""
+        where = "" if self.builtin else f" (from {self.origin})"
+        return f"plugin {self.cls.name!r}{where}"
 
 
 def build_plugin_manager(
@@ -143,6 +162,9 @@ def collect_plugins(pm: pluggy.PluginManager) -> dict[str, PluginEntry]:
     for impl in pm.hook.agent_plugins.get_hookimpls():  # in registration order: built-ins first
         dist = dists.get(id(impl.plugin))
         origin = f"{dist.project_name} {dist.version}" if dist is not None else "built-in"
+        distribution = (
+            (dist.project_name, dist.version) if dist is not None else ("measurement-agent", __version__)
+        )
         try:
             classes = impl.function()
         except Exception as exc:
@@ -158,5 +180,34 @@ def collect_plugins(pm: pluggy.PluginManager) -> dict[str, PluginEntry]:
                 raise PluginLoadError(
                     f"two plugins are named {cls.name!r}: from {found[cls.name].origin} and from {origin}"
                 )
-            found[cls.name] = PluginEntry(cls, origin)
+            entry = PluginEntry(cls, origin, *distribution)
+            try:
+                accepted = api_accepts(cls.agent_api)
+            except InvalidApiRange as exc:
+                raise PluginLoadError(f"{entry.describe()}: {exc}") from None
+            if not accepted:
+                entry = PluginEntry(
+                    cls,
+                    origin,
+                    *distribution,
+                    refusal=f"it wants agent API {cls.agent_api} and this agent has API {API_VERSION}",
+                )
+            found[cls.name] = entry
     return found
+
+
+def check_enabled(plugins: dict[str, PluginEntry], enabled: Iterable[str]) -> None:
+    """Before the enabled plugins start: a refused one is an error (PluginLoadError, one line naming
+    the plugin, its distribution, the range it wants and the agent's API version); one that declares
+    no `agent_api` is assumed to work, with a warning."""
+    for name in enabled:
+        entry = plugins[name]
+        if entry.refusal is not None:
+            raise PluginLoadError(f"{entry.describe()} is refused: {entry.refusal}")
+        if entry.cls.agent_api is None:
+            log.warning(
+                "%s declares no agent_api; assuming it works with API %s"
+                ' (declare the range it was written for, such as agent_api = ">=1,<2")',
+                entry.describe(),
+                API_VERSION,
+            )

@@ -337,6 +337,9 @@ class Plugin(abc.ABC):
     #: The name used in `[plugins.NAME]`, `--plugins` and logs. Lower case, words joined by "-".
     name: ClassVar[str]
     version: ClassVar[str] = "0.1.0"
+    #: The plugin API versions this plugin was written for: a PEP 440 specifier such as ">=1,<2",
+    #: checked against `agent.API_VERSION` (see agent.api). None accepts any version, with a warning.
+    agent_api: ClassVar[str | None] = None
     #: One line for `agent plugins list`.
     description: ClassVar[str] = ""
     #: The config Struct; its defaults are what a generated config contains.

@@ -59,7 +59,7 @@ def test_plugins_list_shows_rapl_from_its_distribution(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     rows = {line.split()[0]: line for line in proc.stdout.splitlines()[1:]}
     assert re.fullmatch(
-        rf"rapl\s+0\.1\.0\s+source\s+no\s+agent-plugin-rapl {re.escape(version)}", rows["rapl"]
+        rf"rapl\s+0\.1\.0\s+source\s+no\s+>=1,<2\s+agent-plugin-rapl {re.escape(version)}", rows["rapl"]
     )
     assert rows["csv"].endswith("built-in")
     assert not (tmp_path / "agent.toml").exists()  # listing never writes a config

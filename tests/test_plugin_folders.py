@@ -20,6 +20,7 @@ import msgspec
 import pytest
 
 from agent import config as config_mod
+from agent.api import CURRENT_API_RANGE, api_accepts
 from agent.config import convert_section
 from agent.manager import BUILTIN_PLUGIN_MODULES, PluginEntry
 from agent.plugin import Plugin
@@ -147,6 +148,9 @@ def test_plugin_class_describes_itself(folder: PluginFolder) -> None:
             f"{cls.name!r}: lower case words joined by -"
         )
         assert cls.description and cls.version
+        assert cls.agent_api and api_accepts(cls.agent_api), (
+            f"{cls.name}: declare the API range it was written for (agent_api = {CURRENT_API_RANGE!r})"
+        )
         assert cls.provides and set(cls.provides) <= {"source", "transform", "output"}
         assert issubclass(cls.Config, msgspec.Struct)
 

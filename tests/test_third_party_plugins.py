@@ -86,10 +86,10 @@ def test_the_readme_plugin_installed_appears_in_plugins_list_and_runs(tmp_path: 
     listed = run_cli(["plugins", "list"], tmp_path, site)
     assert listed.returncode == 0, listed.stderr
     header, *rows = listed.stdout.splitlines()
-    assert header.split() == ["NAME", "VERSION", "ELEMENTS", "ENABLED", "ORIGIN"]
-    table = {row.split()[0]: row.split(maxsplit=4) for row in rows}
-    assert table["uptime"] == ["uptime", "1.0.0", "source,service", "no", "agent-uptime 1.0.0"]
-    assert table["csv"] == ["csv", "0.1.0", "output", "yes", "built-in"]  # no config: the defaults
+    assert header.split() == ["NAME", "VERSION", "ELEMENTS", "ENABLED", "API", "ORIGIN"]
+    table = {row.split()[0]: row.split(maxsplit=5) for row in rows}
+    assert table["uptime"] == ["uptime", "1.0.0", "source,service", "no", ">=1,<2", "agent-uptime 1.0.0"]
+    assert table["csv"] == ["csv", "0.1.0", "output", "yes", ">=1,<2", "built-in"]  # no config: the defaults
     assert table["system"][3] == "yes" and table["sqlite"][3] == "no"
 
     (tmp_path / "agent.toml").write_text("[plugins.uptime]\n[plugins.csv]\npath = 'out.csv'\n")
@@ -165,6 +165,7 @@ PLUGIN_MODULE = """
 
     class NeedsDevice(Plugin):
         name = "needs-device"
+        agent_api = ">=1,<2"
         Config = NeedsDeviceConfig
         provides = ("source",)
 
@@ -177,6 +178,7 @@ PLUGIN_MODULE = """
 
     class Stuck(Plugin):
         name = "stuck"
+        agent_api = ">=1,<2"
         Config = OutputConfig
         provides = ("output",)
 

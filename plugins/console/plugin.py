@@ -93,6 +93,7 @@ class ConsoleOutput(Output):
 class ConsolePlugin(Plugin):
     name = "console"
     version = "0.1.0"
+    agent_api = ">=1,<2"
     description = "Prints every point as a human-readable line on stdout, for trying things."
     Config = ConsoleConfig
     enabled_by_default = False

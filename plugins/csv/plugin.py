@@ -124,6 +124,7 @@ class CsvOutput(Output):
 class CsvPlugin(Plugin):
     name = "csv"
     version = "0.1.0"
+    agent_api = ">=1,<2"
     description = "Appends points to a ;-separated CSV file (the default output)."
     Config = CsvConfig
     enabled_by_default = True

@@ -53,6 +53,7 @@ class DiscardOutput(Output):
 class DiscardPlugin(Plugin):
     name = "discard"
     version = "0.1.0"
+    agent_api = ">=1,<2"
     description = "Counts the points it receives and drops them (benchmarks, demos)."
     Config = DiscardConfig
     enabled_by_default = False

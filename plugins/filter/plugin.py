@@ -82,6 +82,7 @@ class MetricFilter(Transform):
 class FilterPlugin(Plugin):
     name = "filter"
     version = "0.1.0"
+    agent_api = ">=1,<2"
     description = "Keeps or drops points by metric name (include and exclude globs)."
     Config = FilterConfig
     provides = ("transform",)

@@ -252,6 +252,7 @@ class SqliteOutput(Output):
 class SqlitePlugin(Plugin):
     name = "sqlite"
     version = "0.1.0"
+    agent_api = ">=1,<2"
     description = "Writes points and metric definitions to a SQLite file, one transaction per flush."
     Config = SqliteConfig
     enabled_by_default = False

@@ -144,6 +144,7 @@ class SyntheticSource(AutonomousSource):
 class SyntheticPlugin(Plugin):
     name = "synthetic"
     version = "0.1.0"
+    agent_api = ">=1,<2"
     description = "A load generator: batches of made-up points, at a rate or as fast as possible."
     Config = SyntheticConfig
     enabled_by_default = False

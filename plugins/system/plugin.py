@@ -364,6 +364,7 @@ class SystemSource(PolledSource):
 class SystemPlugin(Plugin):
     name = "system"
     version = "0.1.0"
+    agent_api = ">=1,<2"
     description = "CPU, memory, swap, disk, network, load average and per-process metrics (psutil)."
     Config = SystemConfig
     enabled_by_default = True

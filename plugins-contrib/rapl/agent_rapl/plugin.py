@@ -184,6 +184,7 @@ class RaplSource(PolledSource):
 class RaplPlugin(Plugin):
     name = "rapl"
     version = "0.1.0"
+    agent_api = ">=1,<2"
     description = "CPU package and DRAM energy (J) and power (W) from RAPL counters in /sys/class/powercap."
     Config = RaplConfig
     enabled_by_default = False

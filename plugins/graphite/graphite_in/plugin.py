@@ -75,6 +75,7 @@ def settings_from_config(config: GraphiteInConfig) -> ListenerSettings:
 class GraphiteInPlugin(Plugin):
     name = "graphite-in"
     version = "0.1.0"
+    agent_api = ">=1,<2"
     description = "Graphite input: carbon plaintext over TCP and UDP, pickle over TCP, with validation."
     Config = GraphiteInConfig
     enabled_by_default = False

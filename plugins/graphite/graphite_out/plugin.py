@@ -23,6 +23,7 @@ log = logging.getLogger(__name__)
 class GraphiteOutPlugin(Plugin):
     name = "graphite-out"
     version = "0.1.0"
+    agent_api = ">=1,<2"
     description = "Graphite relay output: routes, consistent hashing, disk spools, aggregators, admin API."
     Config = GraphiteOutConfig
     enabled_by_default = False

@@ -188,6 +188,7 @@ def settings_from_config(config: RelayClientConfig) -> ClientSettings:
 class RelayClientPlugin(Plugin):
     name = "relay-client"
     version = "0.1.0"
+    agent_api = ">=1,<2"
     description = (
         "Sends measurements to a relay-server agent over TCP or TLS, buffered on disk until acknowledged."
     )

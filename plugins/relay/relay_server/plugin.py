@@ -85,6 +85,7 @@ def settings_from_config(config: RelayServerConfig, grace_period: float = 10.0) 
 class RelayServerPlugin(Plugin):
     name = "relay-server"
     version = "0.1.0"
+    agent_api = ">=1,<2"
     description = "Receives measurements from relay-client agents over TCP or TLS (lossless, acknowledged)."
     Config = RelayServerConfig
     enabled_by_default = False
