@@ -16,7 +16,7 @@ import agent
 from agent.api import API_VERSION, CURRENT_API_RANGE, InvalidApiRange, api_accepts
 from agent.manager import PluginLoadError, build_plugin_manager, collect_plugins
 
-from .test_third_party_plugins import install_fake_distribution, one_line_error, run_agent
+from .test_third_party_plugins import install_fake_distribution, one_line_error, run_cli
 
 PLUGIN_MODULE = """
     from agent import LOCAL_MACHINE, LOCAL_MACHINE_CONSUMER, BatchBuilder, Plugin, PolledSource, hookimpl
@@ -78,7 +78,7 @@ def test_api_version_is_semantic_and_exported() -> None:
 def test_enabling_a_refused_plugin_exits_1_with_one_line(tmp_path: Path, site: Path) -> None:
     (tmp_path / "agent.toml").write_text("[plugins.future]\n[plugins.csv]\n")
     for args in (["--once"], ["--plugins", "future,csv", "--once"], ["exec", "--", "true"]):
-        result = run_agent(args, tmp_path, site)
+        result = run_cli(args, tmp_path, site)
         assert result.returncode == 1, result.stderr
         assert one_line_error(result) == REFUSAL
     assert not (tmp_path / "agent-output.csv").exists()  # nothing ran
@@ -88,12 +88,12 @@ def test_a_refused_plugin_that_is_not_enabled_changes_nothing(tmp_path: Path, si
     (tmp_path / "agent.toml").write_text(
         "[agent]\nself_metrics_interval = '0s'\n[plugins.system]\n[plugins.csv]\npath = 'out.csv'\n"
     )
-    result = run_agent(["--once"], tmp_path, site)
+    result = run_cli(["--once"], tmp_path, site)
     assert result.returncode == 0, result.stderr
     assert "future" not in result.stderr
     assert (tmp_path / "out.csv").read_text().count("\n") > 1
 
-    listed = run_agent(["plugins", "list"], tmp_path, site)
+    listed = run_cli(["plugins", "list"], tmp_path, site)
     assert listed.returncode == 0, listed.stderr
     rows = {row.split()[0]: row.split(maxsplit=5) for row in listed.stdout.splitlines()[1:]}
     assert rows["future"] == ["future", "3.1.0", "source", "refused", ">=2,<3", "agent-future 3.1.0"]
@@ -103,7 +103,7 @@ def test_a_refused_plugin_that_is_not_enabled_changes_nothing(tmp_path: Path, si
 
 def test_plugins_list_as_json(tmp_path: Path, site: Path) -> None:
     (tmp_path / "agent.toml").write_text("[plugins.csv]\n[plugins.future]\nenable = false\n")
-    result = run_agent(["plugins", "list", "--format", "json"], tmp_path, site)
+    result = run_cli(["plugins", "list", "--format", "json"], tmp_path, site)
     assert result.returncode == 0, result.stderr
     plugins = {p["name"]: p for p in json.loads(result.stdout)}
     assert plugins["future"] == {
@@ -124,14 +124,14 @@ def test_plugins_list_as_json(tmp_path: Path, site: Path) -> None:
         if entry["origin"]["builtin"]:
             assert entry["api"] and api_accepts(entry["api"]), entry
 
-    bad = run_agent(["plugins", "list", "--format", "yaml"], tmp_path, site)
+    bad = run_cli(["plugins", "list", "--format", "yaml"], tmp_path, site)
     assert bad.returncode == 2
     assert one_line_error(bad) == "usage error: --format: expected table or json, got 'yaml'"
 
 
 def test_a_plugin_without_a_range_runs_with_one_warning(tmp_path: Path, site: Path) -> None:
     (tmp_path / "agent.toml").write_text("[agent]\nself_metrics_interval = '0s'\n[plugins.undeclared]\n[plugins.csv]\n")
-    result = run_agent(["--once"], tmp_path, site)
+    result = run_cli(["--once"], tmp_path, site)
     assert result.returncode == 0, result.stderr
     warnings = [line for line in result.stderr.splitlines() if "agent_api" in line]
     assert len(warnings) == 1, result.stderr
@@ -143,7 +143,7 @@ def test_a_plugin_without_a_range_runs_with_one_warning(tmp_path: Path, site: Pa
 def test_a_range_that_is_not_a_specifier_names_the_plugin_and_its_distribution(tmp_path: Path) -> None:
     site = tmp_path / "site"
     install_plugin(site, "sloppy", 'agent_api = "version one"')
-    result = run_agent(["plugins", "list"], tmp_path, site)
+    result = run_cli(["plugins", "list"], tmp_path, site)
     assert result.returncode == 1
     assert one_line_error(result) == (
         "plugin error: plugin 'sloppy' (from agent-sloppy 3.1.0):"
