@@ -39,6 +39,7 @@ class AmqpInConfig(PluginConfig, kw_only=True):
 class AmqpInPlugin(Plugin):
     name = "amqp-in"
     version = "0.1.0"
+    agent_api = ">=1,<2"
     description = (
         "Graphite plaintext lines from a RabbitMQ queue bound to an exchange, acknowledged once written."
     )
