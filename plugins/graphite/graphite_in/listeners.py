@@ -44,8 +44,9 @@ from typing import Any
 import trio
 
 from agent.model import Batch
-from agent.net import WILDCARD_HOSTS, format_address, parse_address
+from agent.net import bind_sockets, open_tcp_listeners, socket_address
 from agent.plugin import AutonomousSource, SourceSink
+from agent.ratelimit import RateLimitedLog
 from agent_plugins.graphite.protocol.badlines import RecentBadLines
 from agent_plugins.graphite.protocol.pickle_codec import (
     DEFAULT_MAX_FRAME_BYTES,
@@ -150,31 +151,6 @@ class ListenerCounters:
         self.closed[reason] = self.closed.get(reason, 0) + 1
 
 
-class RateLimitedWarnings:
-    """Logs at most one warning per key every `interval` seconds, saying how many events it left out."""
-
-    def __init__(self, interval: float = LOG_INTERVAL, clock: Any = time.monotonic) -> None:
-        self.interval = interval
-        self.clock = clock
-        self._next: dict[str, float] = {}
-        self._skipped: dict[str, int] = {}
-
-    def warn(self, key: str, count: int, message: str, *args: Any) -> bool:
-        """Logs `message % args` (followed by what was left out since the last one) unless a warning with
-        this key was logged less than `interval` ago; `count` is how many events this one stands for."""
-        now = self.clock()
-        if now < self._next.get(key, float("-inf")):
-            self._skipped[key] = self._skipped.get(key, 0) + count
-            return False
-        skipped = self._skipped.pop(key, 0)
-        self._next[key] = now + self.interval
-        if skipped:
-            log.warning(message + " (and %d more since the last warning)", *args, skipped)
-        else:
-            log.warning(message, *args)
-        return True
-
-
 class _IdleTimeout(Exception):
     pass
 
@@ -192,7 +168,7 @@ class GraphiteInput(AutonomousSource):
         #: Found by graphite-out (badlines.find_recent_bad_lines) and served at GET /badlines.
         self.recent_bad_lines = RecentBadLines("graphite-in", max_entries=settings.recent_bad_lines)
         self.bound: dict[str, list[str]] = {}
-        self.warnings = RateLimitedWarnings()
+        self.warnings = RateLimitedLog(log, LOG_INTERVAL)
         self._sink: SourceSink | None = None
 
     # -- running --
@@ -256,62 +232,22 @@ class GraphiteInput(AutonomousSource):
         return "; ".join(parts)
 
     async def _open_tcp(self, name: str, address: str) -> list[trio.SocketListener]:
-        sockets = await self._bind(name, address, socket.SOCK_STREAM)
-        listeners = []
-        for sock in sockets:
-            sock.listen(LISTEN_BACKLOG)
-            listeners.append(trio.SocketListener(trio.socket.from_stdlib_socket(sock)))
+        listeners = await open_tcp_listeners(
+            address, reuse_port=self.settings.reuse_port, what=f"graphite-in {name}", backlog=LISTEN_BACKLOG
+        )
+        self.bound[name] = [socket_address(listener.socket.getsockname()) for listener in listeners]
         return listeners
 
     async def _open_udp(self, address: str) -> list[socket.socket]:
-        sockets = await self._bind(UDP, address, socket.SOCK_DGRAM)
+        sockets = await bind_sockets(
+            address, socket.SOCK_DGRAM, reuse_port=self.settings.reuse_port, what=f"graphite-in {UDP}"
+        )
+        self.bound[UDP] = [socket_address(sock.getsockname()) for sock in sockets]
         for sock in sockets:
             try:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, UDP_RECEIVE_BUFFER)
             except OSError:
                 pass
-        return sockets
-
-    async def _bind(self, name: str, address: str, kind: int) -> list[socket.socket]:
-        """Binds `address` (one socket per address family for a wildcard host, on IPv4 and IPv6 alike, as
-        the relay-server does); an error names the listener and the address."""
-        host, port = parse_address(address, default_port=None)
-        wildcard = host in WILDCARD_HOSTS
-        sockets: list[socket.socket] = []
-        try:
-            infos = await trio.socket.getaddrinfo(
-                None if wildcard else host, port, type=kind, flags=socket.AI_PASSIVE
-            )
-            if not wildcard:
-                infos = infos[:1]
-            families: set[int] = set()
-            for family, _, proto, _, sockaddr in infos:
-                if family in families:
-                    continue
-                families.add(family)
-                sock = socket.socket(family, kind, proto)
-                sockets.append(sock)
-                if kind == socket.SOCK_STREAM:
-                    # A restarted agent must not wait for the old connections' TIME_WAIT to end.
-                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                if self.settings.reuse_port:
-                    # Several agents on one port: the kernel spreads connections (datagrams) over them.
-                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-                if family == socket.AF_INET6 and wildcard:
-                    # One socket per family: the IPv6 one must leave IPv4 to the other.
-                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-                if port == 0 and len(sockets) > 1:
-                    # Port 0 picks a free port: the same one for every family.
-                    sockaddr = (sockaddr[0], sockets[0].getsockname()[1], *sockaddr[2:])
-                sock.bind(sockaddr)
-                sock.setblocking(False)
-        except OSError as error:
-            for sock in sockets:
-                sock.close()
-            raise OSError(
-                error.errno, f"graphite-in {name}: cannot listen on {address}: {error.strerror or error}"
-            ) from None
-        self.bound[name] = [_socket_address(sock.getsockname()) for sock in sockets]
         return sockets
 
     async def _serve_tcp(self, listeners: list[trio.SocketListener], name: str) -> None:
@@ -526,7 +462,7 @@ class GraphiteInput(AutonomousSource):
                 alone = self._parse(data + b"\n", b"", tag_cache)
                 if alone.bad_samples:
                     self._report_bad_samples(
-                        UDP, _socket_address(sender), alone.bad_counts, alone.bad_samples
+                        UDP, socket_address(sender), alone.bad_counts, alone.bad_samples
                     )
         await self._send(counters, chunk.paths, chunk.timestamps, chunk.values, chunk.tagged)
 
@@ -644,15 +580,9 @@ class GraphiteInput(AutonomousSource):
 
 def _peer(stream: trio.SocketStream) -> str:
     try:
-        return _socket_address(stream.socket.getpeername())
+        return socket_address(stream.socket.getpeername())
     except OSError:
         return "unknown peer"
-
-
-def _socket_address(sockaddr: Any) -> str:
-    if isinstance(sockaddr, tuple) and len(sockaddr) >= 2:
-        return format_address(str(sockaddr[0]), int(sockaddr[1]))
-    return str(sockaddr)
 
 
 def _text(data: bytes) -> str:
