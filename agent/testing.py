@@ -78,12 +78,21 @@ from agent.plugin import (
     OutputConfig,
     Plugin,
     PolledSource,
+    Service,
     StartContext,
     Transform,
 )
 from agent.runtime import READY_PREFIX
 
 T = TypeVar("T")
+
+
+def load_config(plugin: type[Plugin], table: Mapping[str, Any] | None = None) -> Any:
+    """The plugin's Config from `table` (its `[plugins.NAME]` keys, strings such as "30s" as in the
+    file), checked as the agent checks it: a `ConfigError` names a bad key."""
+    from agent.config import convert_section
+
+    return convert_section(dict(table or {}), plugin.Config, f"plugins.{plugin.name}")
 
 
 def start_plugin(
@@ -93,13 +102,10 @@ def start_plugin(
     data_dir: Path | None = None,
     registry: MetricRegistry | None = None,
 ) -> StartContext:
-    """Starts one plugin as the agent does: `table` (its `[plugins.NAME]` keys, strings such as "30s"
-    as in the file) is checked against the plugin's Config (a `ConfigError` names a bad key), then
-    `start` runs. Returns the start context: `.elements` holds what the plugin added (`.obj` is the
-    source, transform or output), `.registry` the metrics it registered."""
-    from agent.config import convert_section
-
-    config = convert_section(dict(table or {}), plugin.Config, f"plugins.{plugin.name}")
+    """Starts one plugin as the agent does: `table` is checked against the plugin's Config
+    (`load_config`), then `start` runs. Returns the start context: `.elements` holds what the plugin
+    added (`.obj` is the source, transform, output or service), `.registry` the metrics it registered."""
+    config = load_config(plugin, table)
     ctx = StartContext(
         plugin.name,
         registry if registry is not None else MetricRegistry(),
@@ -184,6 +190,10 @@ def transform_element(transform: Transform, name: str = "test-transform") -> Ele
 
 def output_element(output: Output, name: str = "test-output", config: OutputConfig | None = None) -> Element:
     return Element(name, name, "output", output, config or OutputConfig())
+
+
+def service_element(service: Service, name: str = "test-service") -> Element:
+    return Element(name, name, "service", service)
 
 
 @contextlib.asynccontextmanager
@@ -586,6 +596,7 @@ async def open_agent(
 __all__ = [
     "AgentProcess",
     "CollectingOutput",
+    "load_config",
     "make_batch",
     "make_series",
     "open_agent",
@@ -597,6 +608,7 @@ __all__ = [
     "run_output",
     "run_transform",
     "running_pipeline",
+    "service_element",
     "source_element",
     "start_plugin",
     "transform_element",

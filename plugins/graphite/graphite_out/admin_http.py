@@ -43,7 +43,7 @@ import trio
 from agent_plugins.graphite.protocol.aggregation import AggregatorConfig
 from agent_plugins.graphite.protocol.routing import DestinationConfig, RewriterConfig, RouteConfig
 
-from .control import AdminActions, AdminError, decode_json, serve_admin_connections
+from .control import AdminActions, AdminError, AdminPort, decode_json
 
 log = logging.getLogger(__name__)
 
@@ -196,28 +196,29 @@ def _list_endpoint(actions: AdminActions, method: str, head: str, rest: list[str
 # -- the trio layer --
 
 
-async def serve_admin_http(listener: trio.SocketListener, actions: AdminActions) -> None:
-    """Serves the admin API until cancelled; one task per connection, at most MAX_CONNECTIONS."""
-    await serve_admin_connections(listener, _serve_connection, actions, MAX_CONNECTIONS, "admin HTTP")
+class AdminHttpPort(AdminPort):
+    """The admin HTTP API as an agent service (see `control.AdminPort`)."""
 
+    key = "admin_http"
+    max_connections = MAX_CONNECTIONS
+    description = "admin HTTP API"
+    scheme = "http://"
 
-async def _serve_connection(
-    stream: trio.SocketStream, actions: AdminActions, limit: trio.CapacityLimiter
-) -> None:
-    async with stream:
-        connection = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEADER_BYTES)
-        if limit.borrowed_tokens >= limit.total_tokens:
-            await _send_reply(
-                stream, connection, Reply(503, {"error": "too many admin connections"}), close=True
-            )
-            return
-        async with limit:
-            try:
-                await _converse(stream, connection, actions)
-            except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError):
-                pass
-            except Exception:
-                log.exception("graphite-out admin HTTP: unexpected error; connection closed")
+    async def serve_connection(self, stream: trio.SocketStream, limit: trio.CapacityLimiter) -> None:
+        async with stream:
+            connection = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEADER_BYTES)
+            if limit.borrowed_tokens >= limit.total_tokens:
+                await _send_reply(
+                    stream, connection, Reply(503, {"error": "too many admin connections"}), close=True
+                )
+                return
+            async with limit:
+                try:
+                    await _converse(stream, connection, self.actions)
+                except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError):
+                    pass
+                except Exception:
+                    log.exception("graphite-out admin HTTP: unexpected error; connection closed")
 
 
 async def _converse(stream: trio.SocketStream, connection: h11.Connection, actions: AdminActions) -> None:

@@ -15,7 +15,7 @@ both `echo getdest | nc localhost 2030` and an interactive telnet session work.
     stats                             one line per destination: state, sent, queued, spooled, dropped
     quit                              closes the connection
 
-`handle_command` is the pure part (text in, text out); `serve_admin_line` runs it on a trio listener.
+`handle_command` is the pure part (text in, text out); `AdminLinePort` serves it (an agent service).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import trio
 
 from agent_plugins.graphite.protocol.routing import Matcher, RouteConfig
 
-from .control import AdminActions, AdminError, serve_admin_connections
+from .control import AdminActions, AdminError, AdminPort
 
 log = logging.getLogger(__name__)
 
@@ -161,28 +161,28 @@ def _stats_lines(actions: AdminActions) -> str:
     return "\n".join(lines) if lines else "no destinations"
 
 
-async def serve_admin_line(listener: trio.SocketListener, actions: AdminActions) -> None:
-    """Serves the line admin port until cancelled; one task per connection, at most MAX_CONNECTIONS."""
-    await serve_admin_connections(listener, _serve_connection, actions, MAX_CONNECTIONS, "admin line port")
+class AdminLinePort(AdminPort):
+    """The line admin port as an agent service (see `control.AdminPort`)."""
 
+    key = "admin_line"
+    max_connections = MAX_CONNECTIONS
+    description = "admin line port"
 
-async def _serve_connection(
-    stream: trio.SocketStream, actions: AdminActions, limit: trio.CapacityLimiter
-) -> None:
-    async with stream:
-        if limit.borrowed_tokens >= limit.total_tokens:
-            try:
-                await stream.send_all(b"error: too many admin connections\n")
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                pass
-            return
-        async with limit:
-            try:
-                await _converse(stream, actions)
-            except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError):
-                pass
-            except Exception:
-                log.exception("graphite-out admin line port: unexpected error; connection closed")
+    async def serve_connection(self, stream: trio.SocketStream, limit: trio.CapacityLimiter) -> None:
+        async with stream:
+            if limit.borrowed_tokens >= limit.total_tokens:
+                try:
+                    await stream.send_all(b"error: too many admin connections\n")
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    pass
+                return
+            async with limit:
+                try:
+                    await _converse(stream, self.actions)
+                except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError):
+                    pass
+                except Exception:
+                    log.exception("graphite-out admin line port: unexpected error; connection closed")
 
 
 async def _converse(stream: trio.SocketStream, actions: AdminActions) -> None:

@@ -14,32 +14,23 @@ import msgspec
 from msgspec import Meta
 
 from agent import Duration, OutputConfig
+from agent.net import AddressError, format_address, parse_address
 from agent_plugins.graphite.protocol.aggregation import AggregatorConfig, parse_aggregation_rules
 from agent_plugins.graphite.protocol.routing import RewriterConfig, RouteConfig
 
 from .render import DEFAULT_TEMPLATE, ExtraFields, PathTemplate
 
 
-class ListenAddress(msgspec.Struct, frozen=True):
-    host: str
-    port: int
-
-    def __str__(self) -> str:
-        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
-
-
-def parse_listen_address(text: str, where: str) -> ListenAddress | None:
-    """ "host:port" or "[v6]:port" -> ListenAddress; "" -> None (switched off). Port 0 picks a free port."""
+def parse_listen_address(text: str, where: str) -> str | None:
+    """An admin port's "host:port" (or "[v6]:port") as `agent.net` writes it; "" -> None (switched off).
+    Port 0 picks a free port. Raises ValueError naming `where`."""
     stripped = text.strip()
     if not stripped:
         return None
-    if stripped.startswith("["):
-        host, sep, port = stripped[1:].partition("]:")
-    else:
-        host, sep, port = stripped.rpartition(":")
-    if not sep or not host or not port.isdigit() or int(port) > 65535:
-        raise ValueError(f'{where}: expected "host:port" (or "" to switch it off), got {text!r}')
-    return ListenAddress(host, int(port))
+    try:
+        return format_address(*parse_address(stripped))
+    except AddressError as error:
+        raise ValueError(f'{where}: {error} (or "" to switch it off)') from None
 
 
 class GraphiteOutConfig(OutputConfig, kw_only=True):

@@ -4,19 +4,24 @@ Where it sits: `admin_http.py` (JSON over HTTP) and `admin_line.py` (carbon-rela
 Polymur's getdest/putdest/deldest) parse requests and call `AdminActions`; every change goes through
 `GraphiteOutput.apply`, which validates the whole new setup before swapping it in between two batches.
 Errors are `AdminError`s with an HTTP status and a one-line message that says what was wrong.
+
+Each port is an `AdminPort`, an agent `Service` that the plugin adds next to the output. Imports go one
+way: the ports import this module, this module imports the output, and the output knows none of them.
 """
 
 from __future__ import annotations
 
+import abc
 import datetime
 import logging
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import msgspec
 import trio
 
+from agent import Service
 from agent.decoding import MalformedData, decode_untrusted
+from agent.net import format_address, open_tcp_listeners, socket_address
 from agent.units import decode_config_value, encode_config_value
 from agent_plugins.graphite.protocol.aggregation import AggregatorConfig
 from agent_plugins.graphite.protocol.routing import DestinationConfig, RewriterConfig, RouteConfig
@@ -266,22 +271,55 @@ def _iso(timestamp: float | None) -> str:
     return datetime.datetime.fromtimestamp(timestamp, datetime.UTC).isoformat()
 
 
-async def serve_admin_connections(
-    listener: trio.SocketListener,
-    handle: Callable[[trio.SocketStream, AdminActions, trio.CapacityLimiter], Awaitable[None]],
-    actions: AdminActions,
-    max_connections: int,
-    what: str,
-) -> None:
-    """The accept loop of both admin ports: one task per connection, a connection limit the handler
-    enforces, and accept errors (out of file descriptors) logged and retried, never fatal."""
-    limit = trio.CapacityLimiter(max_connections)
-    async with listener, trio.open_nursery() as nursery:
-        while True:
-            try:
-                stream = await listener.accept()
-            except OSError as error:
-                log.warning("graphite-out %s: accept failed: %s", what, error)
-                await trio.sleep(0.1)
-                continue
-            nursery.start_soon(handle, stream, actions, limit)
+class AdminPort(Service):
+    """One admin port as an agent service: binds its address when the agent starts (a taken port is a
+    startup error that names the key and the port), reports ready once listening, then serves
+    connections until cancelled. `admin_http.AdminHttpPort` and `admin_line.AdminLinePort` say how a
+    connection is served."""
+
+    #: The config key ("admin_http"), in logs and errors.
+    key: str = ""
+    #: Connections served at once; more are answered with an error and closed.
+    max_connections: int = 64
+    #: What the log line at start calls it ("admin HTTP API"), and what comes before each address.
+    description: str = ""
+    scheme: str = ""
+
+    def __init__(self, address: str, actions: AdminActions) -> None:
+        self.address = address
+        self.actions = actions
+        #: The first address it listens on, once listening (port 0 resolved): (host, port).
+        self.bound_address: tuple[str, int] | None = None
+
+    async def run(self, task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED) -> None:
+        # After a restart, the port it had (a config's port 0 must not move while the agent runs).
+        address = self.address if self.bound_address is None else format_address(*self.bound_address)
+        listeners = await open_tcp_listeners(address, what=self.key)
+        host, port = listeners[0].socket.getsockname()[:2]
+        self.bound_address = (host, port)
+        shown = ", ".join(
+            self.scheme + socket_address(listener.socket.getsockname()) for listener in listeners
+        )
+        log.info("graphite-out: %s on %s", self.description, shown)
+        task_status.started(self.bound_address)
+        limit = trio.CapacityLimiter(self.max_connections)
+        async with trio.open_nursery() as nursery:
+            for listener in listeners:
+                nursery.start_soon(self._accept_loop, listener, limit)
+
+    async def _accept_loop(self, listener: trio.SocketListener, limit: trio.CapacityLimiter) -> None:
+        """One task per connection; accept errors (out of file descriptors) are logged and retried,
+        never fatal."""
+        async with listener, trio.open_nursery() as nursery:
+            while True:
+                try:
+                    stream = await listener.accept()
+                except OSError as error:
+                    log.warning("graphite-out %s: accept failed: %s", self.key, error)
+                    await trio.sleep(0.1)
+                    continue
+                nursery.start_soon(self.serve_connection, stream, limit)
+
+    @abc.abstractmethod
+    async def serve_connection(self, stream: trio.SocketStream, limit: trio.CapacityLimiter) -> None:
+        """Serves one connection until it ends; refuses it when `limit` has no token left."""

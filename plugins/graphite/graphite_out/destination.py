@@ -33,8 +33,8 @@ How fast the spool is replayed depends on why it filled:
 With `spool = false`, points queue in memory while the destination is slow or down, and what does not fit
 is dropped and counted (`queue_full` while connected, `down_no_spool` while down).
 
-Every drop is counted by reason (`DropCounter`) and logged at once, then at most once per
-`DROP_LOG_INTERVAL` per reason. Reasons: queue_full, down_no_spool, spool_full, spool_error, bad_pickle,
+Every drop is counted by reason (`agent.DropCounter`) and logged at once, then at most once per ten
+seconds per reason. Reasons: queue_full, down_no_spool, spool_full, spool_error, bad_pickle,
 shutdown, removed, unroutable (hash_route redistribution that found no destination).
 
 Delivery: a point counts as sent once the kernel took it (Graphite's protocols have no acknowledgements).
@@ -47,7 +47,6 @@ from __future__ import annotations
 
 import logging
 import shutil
-import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
@@ -55,7 +54,7 @@ from typing import Any, Protocol
 
 import trio
 
-from agent.backoff import Backoff
+from agent import Backoff, DropCounter
 from agent.decoding import MalformedData
 from agent.durable_log import DurableLog
 from agent_plugins.graphite.protocol.hashing import DestinationAddress
@@ -66,8 +65,6 @@ from .render import Chunk, ChunkCodec, render_pickle, render_plaintext, take
 
 log = logging.getLogger(__name__)
 
-#: At most one log line per destination and drop reason per this many seconds (the first at once).
-DROP_LOG_INTERVAL = 10.0
 #: Points taken from the memory queue for one write.
 WRITE_MAX_POINTS = 50_000
 #: Below this many queued points, a write that follows another within `flush_interval` waits for more.
@@ -92,49 +89,6 @@ DROP_REASONS = (
     "removed",
     "unroutable",
 )
-
-
-class DropCounter:
-    """Points dropped by reason, logged without flooding: the first drop of a reason at once, then at most
-    one summary per `DROP_LOG_INTERVAL` (with the count since the last line)."""
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-        self.by_reason: dict[str, int] = {}
-        self._unlogged: dict[str, int] = {}
-        self._last_log: dict[str, float] = {}
-
-    @property
-    def total(self) -> int:
-        return sum(self.by_reason.values())
-
-    def add(self, reason: str, points: int, detail: str = "") -> None:
-        if points <= 0:
-            return
-        self.by_reason[reason] = self.by_reason.get(reason, 0) + points
-        self._unlogged[reason] = self._unlogged.get(reason, 0) + points
-        now = time.monotonic()
-        last = self._last_log.get(reason)
-        if last is None or now - last >= DROP_LOG_INTERVAL:
-            self._log(reason, detail)
-            self._last_log[reason] = now
-
-    def flush(self) -> None:
-        """Logs what was dropped since the last line (at shutdown)."""
-        for reason in list(self._unlogged):
-            self._log(reason, "")
-
-    def _log(self, reason: str, detail: str) -> None:
-        count = self._unlogged.pop(reason, 0)
-        if count:
-            log.warning(
-                "%s: dropped %d points (%s)%s; %d dropped for this reason so far",
-                self.name,
-                count,
-                reason,
-                f": {detail}" if detail else "",
-                self.by_reason[reason],
-            )
 
 
 class ReplayPacer:
@@ -221,7 +175,7 @@ class Destination:
         self.connect: Connector = connect or trio.open_tcp_stream
         self.spool_path = spool_root / spool_directory_name(route_key, self.address)
         self.codec = ChunkCodec()
-        self.drops = DropCounter(self.name)
+        self.drops = DropCounter(self.name, log)
         self.queue: deque[Chunk] = deque()
         self.queued_points = 0
         self.retry: list[Chunk] = []
@@ -251,7 +205,6 @@ class Destination:
         self._last_write = -float("inf")
         self._wakeup = trio.Event()
         self._exited = trio.Event()
-        self._task_running = False
 
     @property
     def key(self) -> tuple[str, str]:
@@ -433,7 +386,6 @@ class Destination:
 
     async def run(self) -> None:
         """Connects, writes, reconnects; returns once drained (shutdown) or retired, or when cancelled."""
-        self._task_running = True
         self._exited = trio.Event()
         backoff = Backoff(
             min(0.1, float(self.config.reconnect_interval)), float(self.config.reconnect_interval)
@@ -473,7 +425,6 @@ class Destination:
                 self._mark_down()
         finally:
             self.connected = False
-            self._task_running = False
             self._exited.set()
 
     async def _wait_for_wakeup(self) -> None:

@@ -1,4 +1,4 @@
-"""The `graphite-out` output: routes each batch to Graphite destinations, and runs their writers and admin ports.
+"""The `graphite-out` output: routes each batch to Graphite destinations, and runs their writers.
 
 Where it sits: it is the `Output` the plugin adds to the pipeline, and implements `run` over its inbox
 itself. For each batch taken from the inbox it
@@ -10,8 +10,8 @@ itself. For each batch taken from the inbox it
 3. hands each destination its share with `Destination.offer`, which queues or spools without waiting;
 4. acknowledges the batch (`env.done(True)`): from then on the points are the destinations' to deliver.
 
-Live changes: the admin ports (`admin_http.py`, `admin_line.py`, both through `control.py`) change the
-routes, destinations, blocklist, rewriters and aggregators with `GraphiteOutput.apply`. It checks the whole
+Live changes: the admin ports (`admin_http.py`, `admin_line.py`, both through `control.py`; services that
+the plugin adds next to this output, which knows nothing of them) change the routes, destinations, blocklist, rewriters and aggregators with `GraphiteOutput.apply`. It checks the whole
 new configuration first (an invalid change is refused and nothing changes), then swaps the routing state
 in one step between two batches: no point is routed by half a table. Destinations that stay (same route
 key and address) keep their queue, spool, connection and counters. A removed destination takes no new
@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import logging
 import math
-import socket
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -40,15 +39,14 @@ from typing import Any
 import msgspec
 import trio
 
-from agent.backoff import Backoff
+from agent import DropCounter, Output, supervise
 from agent.model import Batch
-from agent.plugin import Output
 from agent_plugins.graphite.protocol.aggregation import Aggregator, AggregatorConfig
 from agent_plugins.graphite.protocol.badlines import RecentBadLines
 from agent_plugins.graphite.protocol.routing import HashRoute, RewriterConfig, RouteConfig, RoutingTable
 
-from .config import GraphiteOutConfig, ListenAddress, load_aggregation_rules, parse_listen_address
-from .destination import Destination, DropCounter
+from .config import GraphiteOutConfig, load_aggregation_rules
+from .destination import Destination
 from .render import Chunk, PathTemplate, take, to_seconds
 
 log = logging.getLogger(__name__)
@@ -94,27 +92,6 @@ class OutputCounters:
     failed: int = 0
 
 
-def bind_listener(address: ListenAddress, what: str) -> socket.socket:
-    """A listening TCP socket, bound now so that a taken port is a clear startup error."""
-    try:
-        infos = socket.getaddrinfo(
-            address.host, address.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-        )
-    except socket.gaierror as error:
-        raise OSError(f"{what} {address}: cannot resolve {address.host!r}: {error.strerror}") from None
-    family, kind, proto, _, sockaddr = infos[0]
-    sock = socket.socket(family, kind, proto)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(sockaddr)
-        sock.listen(64)
-        sock.setblocking(False)
-    except OSError as error:
-        sock.close()
-        raise OSError(f"{what} {address}: cannot listen: {error.strerror or error}") from None
-    return sock
-
-
 class GraphiteOutput(Output):
     """Routes batches to Graphite destinations. See the module docstring."""
 
@@ -144,13 +121,6 @@ class GraphiteOutput(Output):
         self.registered: dict[str, float] = {}
         #: The graphite-in plugins' recent bad lines, filled in by the plugin's agent_pipeline_started hook.
         self.bad_line_sources: list[RecentBadLines] = []
-        self.http_address = parse_listen_address(config.admin_http, "admin_http")
-        self.line_address = parse_listen_address(config.admin_line, "admin_line")
-        self._http_socket: socket.socket | None = None
-        self._line_socket: socket.socket | None = None
-        #: The addresses the admin ports listen on once bound (port 0 resolved).
-        self.admin_http_bound: tuple[str, int] | None = None
-        self.admin_line_bound: tuple[str, int] | None = None
         self._writers: trio.Nursery | None = None
         self._running = False
         aggregators = list(config.aggregators) + load_aggregation_rules(config.aggregation_rules, config_dir)
@@ -227,7 +197,7 @@ class GraphiteOutput(Output):
                 for slot, destination in enumerate(destinations):
                     if destination.failed_over:
                         compiled.mark_destination_down(slot)
-            self.route_drops.setdefault(route.key, DropCounter(f"graphite-out route {route.key!r}"))
+            self.route_drops.setdefault(route.key, DropCounter(f"graphite-out route {route.key!r}", log))
         for key, destination in list(self.destinations.items()):
             if key not in wanted and not destination.retired:
                 log.info("%s: removed from the routing table", destination.name)
@@ -363,23 +333,6 @@ class GraphiteOutput(Output):
 
     # -- running --
 
-    def bind_admin_ports(self) -> None:
-        """Binds the admin ports (if not yet bound). Raises OSError naming the port that failed."""
-        if self.http_address is not None and self._http_socket is None:
-            self._http_socket = bind_listener(self.http_address, "admin_http")
-            self.admin_http_bound = self._http_socket.getsockname()[:2]
-            log.info("graphite-out: admin HTTP API on http://%s", _show_address(self.admin_http_bound))
-        if self.line_address is not None and self._line_socket is None:
-            self._line_socket = bind_listener(self.line_address, "admin_line")
-            self.admin_line_bound = self._line_socket.getsockname()[:2]
-            log.info("graphite-out: admin line port on %s", _show_address(self.admin_line_bound))
-
-    def close_admin_ports(self) -> None:
-        for sock in (self._http_socket, self._line_socket):
-            if sock is not None:
-                sock.close()
-        self._http_socket = self._line_socket = None
-
     def _open_spool(self, destination: Destination) -> None:
         """Opens a spool left on disk by an earlier run, so that it is replayed."""
         try:
@@ -392,59 +345,35 @@ class GraphiteOutput(Output):
         self._writers.start_soon(self._run_writer, destination, name=destination.name)
 
     async def _run_writer(self, destination: Destination) -> None:
-        backoff = Backoff(1.0, 60.0)
-        while True:
-            try:
-                await destination.run()
-                break
-            except Exception as error:
-                # A bug or a disk error in one destination must not take the others down: restart it.
-                delay = backoff.next_delay()
-                log.exception(
-                    "%s: writer failed (%s); restarting it in %.1fs", destination.name, error, delay
-                )
-                await trio.sleep(delay)
+        # A bug or a disk error in one destination must not take the others down: it restarts alone.
+        await supervise(f"{destination.name}: writer", destination.run, logger=log)
         if destination.retired and not destination.finished:
             destination.finish("removed")
             if self.destinations.get(destination.key) is destination:
                 del self.destinations[destination.key]
 
     async def run(self, inbox: Any, task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED) -> None:
-        from .admin_http import serve_admin_http
-        from .admin_line import serve_admin_line
-        from .control import AdminActions
-
-        self.bind_admin_ports()
         if any(destination.finished for destination in self.destinations.values()):
             # A previous run ended (the core restarts a crashed output): start over with fresh destinations.
             self.destinations = {k: d for k, d in self.destinations.items() if not d.finished}
             self.state = self._install(self.state.settings, self._check(self.state.settings))
         for destination in self.destinations.values():
             self._open_spool(destination)
-        actions = AdminActions(self)
         try:
-            async with trio.open_nursery() as services:
+            async with trio.open_nursery() as timers:
                 async with trio.open_nursery() as writers:
                     self._writers = writers
                     self._running = True
                     for destination in list(self.destinations.values()):
                         self._start_writer(destination)
-                    if self._http_socket is not None:
-                        listener = trio.SocketListener(trio.socket.from_stdlib_socket(self._http_socket))
-                        self._http_socket = None
-                        services.start_soon(serve_admin_http, listener, actions)
-                    if self._line_socket is not None:
-                        listener = trio.SocketListener(trio.socket.from_stdlib_socket(self._line_socket))
-                        self._line_socket = None
-                        services.start_soon(serve_admin_line, listener, actions)
-                    services.start_soon(self._aggregation_loop)
-                    services.start_soon(self._spool_sync_loop)
+                    timers.start_soon(self._aggregation_loop)
+                    timers.start_soon(self._spool_sync_loop)
                     task_status.started()
                     await self._route_loop(inbox)
                     self.flush_aggregators(math.inf)
                     await self._drain()
                     writers.cancel_scope.cancel()
-                services.cancel_scope.cancel()
+                timers.cancel_scope.cancel()
         finally:
             self._running = False
             self._writers = None
@@ -456,7 +385,6 @@ class GraphiteOutput(Output):
                         del self.destinations[key]
                 for counter in self.route_drops.values():
                     counter.flush()
-                self.close_admin_ports()
 
     async def _route_loop(self, inbox: Any) -> None:
         while True:
@@ -536,10 +464,3 @@ class GraphiteOutput(Output):
             ],
             "destinations": [destination.stats() for destination in self.destinations.values()],
         }
-
-
-def _show_address(address: tuple[str, int] | None) -> str:
-    if address is None:
-        return ""
-    host, port = address
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

@@ -1,23 +1,25 @@
-"""The `graphite-out` plugin: registers the output and connects it to graphite-in's recent bad lines.
+"""The `graphite-out` plugin: adds the output and its admin ports, and connects the output to graphite-in's
+recent bad lines.
 
-The work is done by `output.GraphiteOutput` (routing and destinations) and the admin ports; this module
-is what the agent loads: the plugin class and its two hooks.
+The work is done by `output.GraphiteOutput` (routing and destinations) and the admin ports
+(`admin_http.AdminHttpPort`, `admin_line.AdminLinePort`: agent services that bind when the agent starts,
+so that a taken port is a startup error naming it); this module is what the agent loads: the plugin
+class and its hooks.
 """
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 from agent import Plugin, StartContext, hookimpl
 from agent.plugin import ControlSection
 from agent_plugins.graphite.protocol.badlines import find_recent_bad_lines
 
-from .config import GraphiteOutConfig
-from .control import AdminActions
+from .admin_http import AdminHttpPort
+from .admin_line import AdminLinePort
+from .config import GraphiteOutConfig, parse_listen_address
+from .control import AdminActions, AdminPort
 from .output import GraphiteOutput
-
-log = logging.getLogger(__name__)
 
 
 class GraphiteOutPlugin(Plugin):
@@ -39,14 +41,20 @@ class GraphiteOutPlugin(Plugin):
             config_dir=ctx.config_dir,
             grace_period=ctx.grace_period,
         )
-        # Bound now, so that a port in use is a startup error naming the port, not a crash loop later.
-        output.bind_admin_ports()
         self.outputs.append(output)
         ctx.add_output(output, config)
+        for port in admin_ports(config, AdminActions(output)):
+            ctx.add_service(port, port.key.replace("_", "-"))
 
-    def stop(self) -> None:
-        for output in self.outputs:
-            output.close_admin_ports()
+
+def admin_ports(config: GraphiteOutConfig, actions: AdminActions) -> list[AdminPort]:
+    """The admin ports the config switches on, serving `actions`."""
+    ports: list[AdminPort] = []
+    for key, port_type in (("admin_http", AdminHttpPort), ("admin_line", AdminLinePort)):
+        address = parse_listen_address(getattr(config, key), key)
+        if address is not None:
+            ports.append(port_type(address, actions))
+    return ports
 
 
 @hookimpl

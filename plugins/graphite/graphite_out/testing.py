@@ -4,18 +4,18 @@ receiver on 127.0.0.1 that keeps what it gets, and a GraphiteOutput running in a
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import trio
 
-from agent.config import convert_section
+from agent import Service
 from agent.model import Batch, Consumer, Resource, Series
-from agent.pipeline import Pipeline
-from agent.testing import output_element, partial_run
+from agent.testing import load_config, output_element, running_pipeline, service_element
 from agent_plugins.graphite.graphite_out.config import GraphiteOutConfig
 from agent_plugins.graphite.graphite_out.output import GraphiteOutput
+from agent_plugins.graphite.graphite_out.plugin import GraphiteOutPlugin
 from agent_plugins.graphite.protocol.pickle_codec import decode_frame, split_frames
 
 NS = 1_000_000_000
@@ -115,8 +115,7 @@ class FakeCarbon:
 
 def make_config(table: dict[str, Any]) -> GraphiteOutConfig:
     """A config from a TOML-like table, converted as the agent converts it (admin ports off by default)."""
-    table = {"admin_http": "", "admin_line": "", **table}
-    return convert_section(table, GraphiteOutConfig, "plugins.graphite-out")
+    return load_config(GraphiteOutPlugin, {"admin_http": "", "admin_line": "", **table})
 
 
 def graphite_series(
@@ -139,18 +138,18 @@ def graphite_batch(paths: list[str], start: int = 1_700_000_000) -> Batch:
 
 
 @contextlib.asynccontextmanager
-async def running_output(output: GraphiteOutput, grace_period: float = 5.0) -> AsyncIterator[Pipeline]:
-    """The output in a real pipeline; on exit the pipeline stops and the output drains."""
-    pipeline = Pipeline([output_element(output, "graphite-out")])
-    async with trio.open_nursery() as nursery:
-        await nursery.start(partial_run(pipeline, grace_period))
-        try:
-            yield pipeline
-        finally:
-            pipeline.stop()
+async def running_output(
+    output: GraphiteOutput, services: Sequence[Service | None] = (), grace_period: float = 5.0
+) -> AsyncIterator[Any]:
+    """The output (and `services`, such as its admin ports) in a real pipeline, which it yields; on exit
+    the pipeline stops and the output drains."""
+    elements = [output_element(output, "graphite-out")]
+    elements += [service_element(service, f"service-{i}") for i, service in enumerate(services) if service]
+    async with running_pipeline(elements, grace_period=grace_period) as pipeline:
+        yield pipeline
 
 
-async def send(pipeline: Pipeline, batch: Batch) -> bool:
+async def send(pipeline: Any, batch: Batch) -> bool:
     """Sends a batch and waits until the output took it (routed to queues and spools)."""
     return await pipeline.sink().send_and_wait(batch)
 

@@ -12,6 +12,7 @@ import trio
 from agent.testing import wait_for_async
 from agent_plugins.graphite.graphite_out.admin_line import handle_command
 from agent_plugins.graphite.graphite_out.control import AdminActions
+from agent_plugins.graphite.graphite_out.plugin import admin_ports
 from agent_plugins.graphite.graphite_out.testing import (
     FakeCarbon,
     fast_destination,
@@ -65,7 +66,8 @@ class LineClient:
 
 
 def admin_output(tmp_path, sink: FakeCarbon, output_options: dict[str, Any] | None = None, **table: Any):
-    """An output with both admin ports on free ports, bound at once as the plugin's start() does."""
+    """An output with both admin ports on free ports, as the plugin's start() adds them (services that
+    bind when the pipeline starts): (output, admin HTTP port, admin line port)."""
     output = new_output(
         tmp_path,
         {
@@ -78,8 +80,8 @@ def admin_output(tmp_path, sink: FakeCarbon, output_options: dict[str, Any] | No
         },
         **(output_options or {}),
     )
-    output.bind_admin_ports()
-    return output
+    http_port, line_port = admin_ports(output.config, AdminActions(output))
+    return output, http_port, line_port
 
 
 async def test_http_reads_routes_destinations_and_stats(tmp_path):
@@ -87,9 +89,9 @@ async def test_http_reads_routes_destinations_and_stats(tmp_path):
         async with trio.open_nursery() as nursery:
             sink = FakeCarbon()
             await sink.start(nursery)
-            output = admin_output(tmp_path, sink)
-            async with running_output(output) as pipeline:
-                port = output.admin_http_bound[1]
+            output, http_port, line_port = admin_output(tmp_path, sink)
+            async with running_output(output, [http_port, line_port]) as pipeline:
+                port = http_port.bound_address[1]
                 await send(pipeline, graphite_batch(["a.b.c"] * 10))
                 await sink.wait_for(10)
                 status, routes = await http(port, "GET", "/routes")
@@ -121,9 +123,9 @@ async def test_http_route_changes_take_effect_for_the_next_points(tmp_path):
             main, extra = FakeCarbon(), FakeCarbon()
             await main.start(nursery)
             await extra.start(nursery)
-            output = admin_output(tmp_path, main)
-            async with running_output(output) as pipeline:
-                port = output.admin_http_bound[1]
+            output, http_port, line_port = admin_output(tmp_path, main)
+            async with running_output(output, [http_port, line_port]) as pipeline:
+                port = http_port.bound_address[1]
                 new_route = {
                     "key": "extra",
                     "type": "send_all_match",
@@ -166,9 +168,14 @@ async def test_http_aggregators_are_added_and_removed_live(tmp_path):
         async with trio.open_nursery() as nursery:
             sink = FakeCarbon()
             await sink.start(nursery)
-            output = admin_output(tmp_path, sink, output_options={"aggregation_tick": 0.01})
-            async with running_output(output) as pipeline:
-                port = output.admin_http_bound[1]
+            # The aggregators' clock stays before the points' bucket until they are in: a tick in between
+            # would close the bucket (wait = 0s) and make them late.
+            wall_clock = [1_699_999_000.0]
+            output, http_port, line_port = admin_output(
+                tmp_path, sink, output_options={"aggregation_tick": 0.01, "wall_clock": lambda: wall_clock[0]}
+            )
+            async with running_output(output, [http_port, line_port]) as pipeline:
+                port = http_port.bound_address[1]
                 aggregator = {
                     "function": "sum",
                     "regex": "^web[0-9]\\.load$",
@@ -185,6 +192,7 @@ async def test_http_aggregators_are_added_and_removed_live(tmp_path):
                 ]
                 # Values 0, 1, 2 at 1700000000, +1, +2: the two web loads are summed into one bucket.
                 await send(pipeline, graphite_batch(["web1.load", "web2.load", "other"]))
+                wall_clock[0] = 1_700_000_010.0  # the bucket is over: the next tick emits it
                 await sink.wait_for(2)
                 assert sorted(sink.points) == [
                     ("all.load", 1.0, 1_700_000_000),
@@ -209,7 +217,7 @@ async def test_live_changes_lose_no_points(tmp_path):
             main, extra = FakeCarbon(), FakeCarbon()
             await main.start(nursery)
             await extra.start(nursery)
-            output = admin_output(tmp_path, main)
+            output, http_port, line_port = admin_output(tmp_path, main)
             sent: list[str] = []
             done = trio.Event()
 
@@ -221,8 +229,8 @@ async def test_live_changes_lose_no_points(tmp_path):
                     await trio.sleep(0.005)
                 done.set()
 
-            async with running_output(output) as pipeline:
-                port = output.admin_http_bound[1]
+            async with running_output(output, [http_port, line_port]) as pipeline:
+                port = http_port.bound_address[1]
                 nursery.start_soon(sender, pipeline)
                 changes = [
                     (
@@ -266,9 +274,9 @@ async def test_http_destinations_can_be_added_and_removed_live(tmp_path):
             main, extra = FakeCarbon(), FakeCarbon()
             await main.start(nursery)
             await extra.start(nursery)
-            output = admin_output(tmp_path, main)
-            async with running_output(output) as pipeline:
-                port = output.admin_http_bound[1]
+            output, http_port, line_port = admin_output(tmp_path, main)
+            async with running_output(output, [http_port, line_port]) as pipeline:
+                port = http_port.bound_address[1]
                 status, body = await http(
                     port, "POST", "/routes/main/destinations", fast_destination(extra.address)
                 )
@@ -292,9 +300,9 @@ async def test_http_bad_requests_get_clear_errors_and_change_nothing(tmp_path):
         async with trio.open_nursery() as nursery:
             sink = FakeCarbon()
             await sink.start(nursery)
-            output = admin_output(tmp_path, sink)
-            async with running_output(output) as pipeline:
-                port = output.admin_http_bound[1]
+            output, http_port, line_port = admin_output(tmp_path, sink)
+            async with running_output(output, [http_port, line_port]) as pipeline:
+                port = http_port.bound_address[1]
                 before = AdminActions(output).config()
                 cases = [
                     ("POST", "/routes", None, b"{not json", 400, "invalid JSON"),
@@ -355,12 +363,12 @@ async def test_http_badlines_come_from_graphite_in_registries(tmp_path):
         async with trio.open_nursery() as nursery:
             sink = FakeCarbon()
             await sink.start(nursery)
-            output = admin_output(tmp_path, sink)
+            output, http_port, line_port = admin_output(tmp_path, sink)
             recent = RecentBadLines()
             recent.record("10.1.1.1:4000", "field_count", b"only two", when=5.0)
             output.bad_line_sources = [recent]
-            async with running_output(output):
-                status, body = await http(output.admin_http_bound[1], "GET", "/badlines")
+            async with running_output(output, [http_port, line_port]):
+                status, body = await http(http_port.bound_address[1], "GET", "/badlines")
             assert status == 200
             assert body == [
                 {"time": 5.0, "peer": "10.1.1.1:4000", "reason": "field_count", "line": "only two"}
@@ -374,9 +382,9 @@ async def test_line_port_routes_and_destinations_live(tmp_path):
             main, extra, third = FakeCarbon(), FakeCarbon(), FakeCarbon()
             for sink in (main, extra, third):
                 await sink.start(nursery)
-            output = admin_output(tmp_path, main)
-            async with running_output(output) as pipeline:
-                stream = await trio.open_tcp_stream(*output.admin_line_bound)
+            output, http_port, line_port = admin_output(tmp_path, main)
+            async with running_output(output, [http_port, line_port]) as pipeline:
+                stream = await trio.open_tcp_stream(*line_port.bound_address)
                 client = LineClient(stream)
                 assert (await client.ask("help", 11))[0] == "commands:"
                 (listing,) = await client.ask("route list")
@@ -485,9 +493,9 @@ async def test_fuzzing_both_admin_ports_leaves_them_serving(tmp_path):
         async with trio.open_nursery() as nursery:
             sink = FakeCarbon()
             await sink.start(nursery)
-            output = admin_output(tmp_path, sink)
-            async with running_output(output) as pipeline:
-                for address in (output.admin_http_bound, output.admin_line_bound):
+            output, http_port, line_port = admin_output(tmp_path, sink)
+            async with running_output(output, [http_port, line_port]) as pipeline:
+                for address in (http_port.bound_address, line_port.bound_address):
                     for payload in payloads:
                         stream = await trio.open_tcp_stream(*address)
                         async with stream:
@@ -499,9 +507,9 @@ async def test_fuzzing_both_admin_ports_leaves_them_serving(tmp_path):
                                         pass
                             except trio.BrokenResourceError:
                                 pass
-                status, _ = await http(output.admin_http_bound[1], "GET", "/stats")
+                status, _ = await http(http_port.bound_address[1], "GET", "/stats")
                 assert status == 200
-                stream = await trio.open_tcp_stream(*output.admin_line_bound)
+                stream = await trio.open_tcp_stream(*line_port.bound_address)
                 async with stream:
                     assert (await LineClient(stream).ask("route list"))[0].startswith("main ")
                 await send(pipeline, graphite_batch(["after.fuzz"]))

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import trio
 
+from agent import StartupError
 from agent import config as config_module
 from agent.config import Overrides, convert_section
 from agent.manager import build_plugin_manager, collect_plugins
@@ -17,7 +18,7 @@ from agent.model import MetricRegistry, Resource
 from agent.pipeline import Pipeline
 from agent.plugin import Element, StartContext
 from agent.runtime import Agent
-from agent.testing import make_batch, make_series, output_element, partial_run
+from agent.testing import make_batch, make_series, output_element, partial_run, running_pipeline
 from agent_plugins.graphite.graphite_out.output import GraphiteOutput
 from agent_plugins.graphite.graphite_out.plugin import GraphiteOutPlugin, agent_pipeline_started
 from agent_plugins.graphite.graphite_out.testing import FakeCarbon, graphite_batch, wait_until
@@ -43,21 +44,29 @@ def test_the_sample_table_is_a_working_config_with_no_routes(tmp_path, caplog):
     table = tomllib.loads(SAMPLE.read_text())["plugins"]["graphite-out"]
     table.update(admin_http="127.0.0.1:0", admin_line="127.0.0.1:0")
     plugin, ctx = start_plugin(tmp_path, table)
-    try:
-        (element,) = ctx.elements
-        assert element.kind == "output" and isinstance(element.obj, GraphiteOutput)
-        assert "dropped and counted as unroutable" in caplog.text
-    finally:
-        plugin.stop()
+    output, *services = ctx.elements
+    assert output.kind == "output" and isinstance(output.obj, GraphiteOutput)
+    # The admin ports are services of their own, named after their keys.
+    assert [(e.kind, e.full_name) for e in services] == [
+        ("service", "graphite-out/admin-http"),
+        ("service", "graphite-out/admin-line"),
+    ]
+    assert "dropped and counted as unroutable" in caplog.text
 
 
-def test_an_admin_port_in_use_is_a_startup_error_naming_it(tmp_path):
+async def test_an_admin_port_in_use_is_a_startup_error_naming_it(tmp_path):
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        with pytest.raises(OSError, match=f"admin_line 127.0.0.1:{port}: cannot listen"):
-            start_plugin(tmp_path, {"admin_http": "", "admin_line": f"127.0.0.1:{port}"})
+        _, ctx = start_plugin(tmp_path, {"admin_http": "", "admin_line": f"127.0.0.1:{port}"})
+        with trio.fail_after(10), pytest.raises(BaseExceptionGroup) as raised:
+            async with running_pipeline(ctx.elements):
+                pass
+        assert raised.group_contains(
+            StartupError,
+            match=f"graphite-out/admin-line could not start: .*admin_line: cannot listen on 127.0.0.1:{port}",
+        )
 
 
 async def test_the_plugin_relays_and_spools_under_the_agent_data_dir(tmp_path):

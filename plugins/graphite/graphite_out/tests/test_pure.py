@@ -9,13 +9,13 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from agent import DropCounter
 from agent.config import ConfigError
 from agent.decoding import MalformedData
 from agent.model import Consumer, Resource, Series
 from agent_plugins.graphite.graphite_out.config import parse_listen_address
 from agent_plugins.graphite.graphite_out.destination import (
     Destination,
-    DropCounter,
     ReplayPacer,
     spool_directory_name,
 )
@@ -223,7 +223,7 @@ def test_replay_pacer_holds_the_rate_and_adds_live_traffic():
 
 
 def test_drop_counter_logs_the_first_drop_then_summaries(caplog):
-    counter = DropCounter("dest x")
+    counter = DropCounter("dest x", logging.getLogger("test"))
     with caplog.at_level(logging.WARNING):
         counter.add("queue_full", 10)
         counter.add("queue_full", 5)
