@@ -26,6 +26,7 @@ from agent.api import API_VERSION  # noqa: E402
 from agent.backoff import Backoff  # noqa: E402
 from agent.decoding import MalformedData, decode_untrusted  # noqa: E402
 from agent.errors import StartupError, describe_exception  # noqa: E402
+from agent.events import Event, EventBus, EventKind  # noqa: E402
 from agent.inbox import AckCallback, Envelope, OutputInbox  # noqa: E402
 from agent.model import (  # noqa: E402
     CONSUMER_KINDS,
@@ -82,6 +83,9 @@ __all__ = [
     "DropCounter",
     "Duration",
     "Envelope",
+    "Event",
+    "EventBus",
+    "EventKind",
     "MalformedData",
     "MetricConflictError",
     "MetricDef",

@@ -32,6 +32,7 @@ BUILTIN_PLUGIN_MODULES: tuple[str, ...] = (
     "agent_plugins.synthetic.plugin",
     "agent_plugins.discard.plugin",
     "agent_plugins.filter.plugin",
+    "agent_plugins.procfs.plugin",
     "agent_plugins.relay.relay_client.plugin",
     "agent_plugins.relay.relay_server.plugin",
     "agent_plugins.graphite.graphite_in.plugin",

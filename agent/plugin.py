@@ -27,6 +27,7 @@ from typing import Any, ClassVar, Literal
 import msgspec
 import trio
 
+from agent.events import EventBus, EventKind, Listener
 from agent.inbox import AckCallback, OutputInbox, run_write_loop
 from agent.model import Batch, MetricDef, MetricRegistry, ValueType
 from agent.units import Duration, NonNegativeDuration, PositiveDuration
@@ -261,7 +262,8 @@ class StartContext:
 
     `data_dir` is `[agent] data_dir` (see `plugin_data_dir`); `config_dir` the folder of the config
     file, against which relative paths in a plugin's table are resolved (None without a file);
-    `grace_period` the seconds a shutdown may take, from the stop request to the last write.
+    `grace_period` the seconds a shutdown may take, from the stop request to the last write;
+    `events` the agent's event bus (see `agent.events`), shared by every plugin.
     """
 
     plugin_name: str
@@ -270,6 +272,7 @@ class StartContext:
     config_dir: Path | None = None
     grace_period: float = 10.0
     elements: list[Element] = field(default_factory=list)
+    events: EventBus = field(default_factory=EventBus)
 
     @property
     def logger(self) -> logging.Logger:
@@ -306,6 +309,12 @@ class StartContext:
         if not isinstance(service, Service):
             raise TypeError(f"{service!r} is not a Service")
         self.elements.append(Element(self.plugin_name, name or self.plugin_name, "service", service))
+
+    def subscribe(
+        self, listener: Listener, kinds: set[EventKind] | None = None, *, replay: bool = True
+    ) -> Callable[[], None]:
+        """Calls `listener` for consumer and resource events (see `agent.events.EventBus.subscribe`)."""
+        return self.events.subscribe(listener, kinds, replay=replay)
 
     def resolve_path(self, path: str | Path) -> Path:
         """`path` from the plugin's table: `~` expanded, relative to the config file's folder."""

@@ -19,6 +19,7 @@ import trio
 
 from agent.config import AgentConfig
 from agent.errors import StartupError, describe_exception
+from agent.events import EventBus
 from agent.manager import PluginEntry
 from agent.model import MetricDef, MetricRegistry
 from agent.pipeline import SELF_METRICS, Pipeline
@@ -70,6 +71,8 @@ class Agent:
         self.available = plugins
         self.pm = pm
         self.registry = MetricRegistry()
+        #: Consumers and resources that come and go: `agent exec` and sources publish, plugins listen.
+        self.events = EventBus()
         self.started: dict[str, Plugin] = {}
         self.elements: list[Element] = []
         self.pipeline: Pipeline | None = None
@@ -87,6 +90,7 @@ class Agent:
                 data_dir,
                 config_dir=self.config.path.parent if self.config.path is not None else None,
                 grace_period=float(self.config.agent.grace_period),
+                events=self.events,
             )
             try:
                 plugin.start(ctx, plugin_config)

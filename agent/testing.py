@@ -59,6 +59,7 @@ from typing import Any, TypeVar
 
 import trio
 
+from agent.events import EventBus
 from agent.model import (
     LOCAL_MACHINE,
     LOCAL_MACHINE_CONSUMER,
@@ -101,16 +102,19 @@ def start_plugin(
     *,
     data_dir: Path | None = None,
     registry: MetricRegistry | None = None,
+    events: EventBus | None = None,
 ) -> StartContext:
     """Starts one plugin as the agent does: `table` is checked against the plugin's Config
     (`load_config`), then `start` runs. Returns the start context: `.elements` holds what the plugin
-    added (`.obj` is the source, transform, output or service), `.registry` the metrics it registered."""
+    added (`.obj` is the source, transform, output or service), `.registry` the metrics it registered.
+    Give `events` to share one event bus between several plugins (as the agent does)."""
     config = load_config(plugin, table)
     ctx = StartContext(
         plugin.name,
         registry if registry is not None else MetricRegistry(),
         data_dir if data_dir is not None else Path.cwd() / "agent-data",
         None,
+        events=events if events is not None else EventBus(),
     )
     plugin().start(ctx, config)
     return ctx

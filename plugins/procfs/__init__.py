@@ -1,0 +1,1 @@
+"""The `procfs` source plugin: kernel and per-process metrics read from /proc."""
