@@ -7,9 +7,10 @@ the `system` plugin's key), or when they are announced as consumers on the event
 poll to its `consumer_ended` event or its disappearance.
 
 Counters go out as deltas stamped at the poll, each covering the time since the source's previous poll
-(the same for every series of the source). The first poll is a baseline for machine counters; for a
-process, the first delta is its whole CPU time if it started after the previous poll (so a short
-command is counted from its start) and a baseline otherwise. Reading runs in a worker thread.
+(the same for every series of the source). The first poll gives zero deltas: it opens the intervals
+(its timestamp is where the next deltas start). For a process, the first delta is its whole CPU time if
+it started after the previous poll (so a short command is counted from its start), zero otherwise.
+Reading runs in a worker thread.
 
 A process is identified by its PID *and* start time, so a reused PID is a new process.
 """
@@ -40,7 +41,7 @@ from agent import (
     StartContext,
     hookimpl,
 )
-from agent_plugins.procfs.parse import (
+from agent_plugins.measure.linux.proc import (
     CPU_STATES,
     KernelStat,
     PidStat,
@@ -209,7 +210,9 @@ class ProcfsSource(PolledSource):
         points.append(("kernel_n_procs_running", stat.procs_running, LOCAL_MACHINE, LOCAL_MACHINE_CONSUMER, None))
         points.append(("kernel_n_procs_blocked", stat.procs_blocked, LOCAL_MACHINE, LOCAL_MACHINE_CONSUMER, None))
         if previous is None:
-            return
+            # The first poll opens the intervals: zero deltas, whose timestamp is where the next
+            # poll's deltas start (a transform that aligns series in time needs it).
+            previous = stat
         for cpu, ticks in stat.cpus.items():
             if cpu != "cpu" and not self.config.per_cpu:
                 continue
@@ -248,7 +251,7 @@ class ProcfsSource(PolledSource):
         counters = parse_net_dev(self._read("net", "dev"))
         previous, self._net = self._net, counters
         if previous is None:
-            return
+            previous = counters  # zero deltas at the first poll, as for the kernel counters
         for interface, fields in counters.items():
             before = previous.get(interface)
             if before is None or matches_any(self.config.exclude_interfaces, interface):
@@ -338,16 +341,18 @@ class ProcfsSource(PolledSource):
             guest = stat.guest_time
             cpu = (max(0, stat.utime - guest), stat.stime, guest)
             before = process.cpu
-            if before is None and previous_uptime is not None and stat.starttime >= previous_uptime:
-                # Started since the previous poll: all of its CPU time falls in this interval.
-                before = (0, 0, 0)
+            if before is None:
+                if previous_uptime is not None and stat.starttime >= previous_uptime:
+                    # Started since the previous poll: all of its CPU time falls in this interval.
+                    before = (0, 0, 0)
+                else:
+                    before = cpu  # running before: this first poll is its baseline (zero deltas)
             process.cpu = cpu
-            if before is not None:
-                for kind, now, then in zip(("user", "system", "guest"), cpu, before, strict=True):
-                    points.append(
-                        ("cpu_time_delta", counter_delta(then, now) / TICKS_PER_SECOND, LOCAL_MACHINE, consumer,
-                         _KIND[kind])
-                    )
+            for kind, now, then in zip(("user", "system", "guest"), cpu, before, strict=True):
+                points.append(
+                    ("cpu_time_delta", counter_delta(then, now) / TICKS_PER_SECOND, LOCAL_MACHINE, consumer,
+                     _KIND[kind])
+                )
             if stat.state in ("Z", "X"):
                 continue  # a zombie has no memory or I/O left to read; its CPU times are final
             try:
@@ -368,11 +373,10 @@ class ProcfsSource(PolledSource):
                     continue
                 counters = (io.get("read_bytes", 0), io.get("write_bytes", 0))
                 io_before, process.io = process.io, counters
-                if io_before is None and before == (0, 0, 0):
-                    io_before = (0, 0)
-                if io_before is not None:
-                    for kind, now, then in zip(("read", "write"), counters, io_before, strict=True):
-                        points.append(("io_bytes", counter_delta(then, now), LOCAL_MACHINE, consumer, _KIND[kind]))
+                if io_before is None:
+                    io_before = (0, 0) if before == (0, 0, 0) else counters
+                for kind, now, then in zip(("read", "write"), counters, io_before, strict=True):
+                    points.append(("io_bytes", counter_delta(then, now), LOCAL_MACHINE, consumer, _KIND[kind]))
 
     # -- the pipeline's side --
 

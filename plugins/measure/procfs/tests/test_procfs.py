@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from agent import Consumer, EventBus
 from agent.testing import poll_once, start_plugin
-from agent_plugins.procfs.parse import (
+from agent_plugins.measure.linux.proc import (
     busy_ticks,
     counter_delta,
     meminfo_metric_name,
@@ -26,7 +26,7 @@ from agent_plugins.procfs.parse import (
     parse_pid_stat,
     parse_statm,
 )
-from agent_plugins.procfs.plugin import ProcfsPlugin, ProcfsSource
+from agent_plugins.measure.procfs.plugin import ProcfsPlugin, ProcfsSource
 
 BURN = "import time\nend = time.time() + 30\nwhile time.time() < end: pass"
 

@@ -1,0 +1,1 @@
+"""The `energy-estimation-tdp` source: CPU package energy estimated from CPU use and a TDP."""
