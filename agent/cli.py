@@ -6,7 +6,8 @@
 hook: any plugin can add a flag that enables it and sets one of its keys.)
     agent plugins list [--format json]
     agent config regen
-    agent exec -- CMD ARGS...
+    agent exec [--config PATH] [--plugins a,b] -- CMD ARGS...
+    agent watch [--config PATH] [--plugins a,b] PID
     agent control list|status|pause|resume|set-period|poll|enable|disable|flush|stop|run ...
     agent tap [--metric GLOB] [--limit N] [--format text|json]
     agent top
@@ -16,7 +17,8 @@ config as the agent finds it): exit 1 with one line when no agent answers there,
 element (the line lists the known ones) or a request that does not apply.
 
 Exit codes: 0 after a clean stop (SIGINT/SIGTERM drain, `--once`), 2 for config and usage errors
-(one line on stderr, no traceback), 1 when a plugin cannot start; `exec` exits with the command's code.
+(one line on stderr, no traceback), 1 when a plugin cannot start; `exec` exits with the command's code,
+`watch` with 0 once the process has ended (2 if it does not exist). Both print a summary on stderr.
 """
 
 from __future__ import annotations
@@ -25,7 +27,11 @@ import inspect
 import json
 import logging
 import os
+import shlex
+import signal
+import subprocess
 import sys
+import time
 from functools import partial
 from pathlib import Path
 from typing import Annotated
@@ -47,8 +53,17 @@ from agent.manager import (
     collect_command_line_flags,
     collect_plugins,
 )
-from agent.plugin import CommandLineFlag
+from agent.plugin import CommandLineFlag, Element
 from agent.runtime import Agent, PluginStartError
+from agent.watching import (
+    FORWARDED_SIGNALS,
+    ProcessTree,
+    Summary,
+    SummaryObserver,
+    format_summary,
+    open_pidfd,
+    wait_for_exit,
+)
 
 log = logging.getLogger("agent")
 
@@ -172,8 +187,22 @@ def main_callback(
         raise typer.Exit(run_agent(ctx.obj, once=once))
 
 
-def run_agent(options: Options, *, once: bool = False, command: list[str] | None = None) -> int:
+def run_agent(
+    options: Options,
+    *,
+    once: bool = False,
+    command: list[str] | None = None,
+    watch_pid: int | None = None,
+) -> int:
     setup_logging(options.log_level or "info")
+    if watch_pid is not None:
+        # Checked before anything starts: a PID that does not exist is a usage error, said in one line.
+        try:
+            pidfd = open_pidfd(watch_pid)
+        except ProcessLookupError:
+            raise fail(f"watch: no process with PID {watch_pid}") from None
+        except PermissionError:
+            raise fail(f"watch: process {watch_pid} cannot be watched (permission denied)") from None
     pm, plugins = discover()
     cfg = load_config(options, plugins)
     if options.log_level is None:
@@ -183,14 +212,18 @@ def run_agent(options: Options, *, once: bool = False, command: list[str] | None
     except PluginLoadError as exc:
         raise fail(f"plugin error: {exc}", 1) from None
     agent = Agent(cfg, plugins, pm, control=True)
+    observer = SummaryObserver(set())
+    extra = [Element("agent", "summary", "transform", observer)] if command or watch_pid else []
     try:
-        agent.start_plugins()
+        agent.start_plugins(extra_elements=extra)
     except PluginStartError as exc:
         raise fail(str(exc), 1) from None
     log.info("started plugins: %s", ", ".join(agent.started) or "none")
     try:
         if command is not None:
-            return trio.run(_run_exec, agent, command)
+            return trio.run(_run_exec, agent, command, observer)
+        if watch_pid is not None:
+            return trio.run(_run_watch, agent, watch_pid, pidfd, observer)
         trio.run(_run, agent, once)
         if agent.forced_exit_code:
             return agent.forced_exit_code
@@ -210,31 +243,159 @@ async def _run(agent: Agent, once: bool) -> None:
     await agent.run(once=once)
 
 
-async def _run_exec(agent: Agent, command: list[str]) -> int:
+async def _forward_signals(pid: int) -> None:
+    """Passes SIGINT, SIGTERM and SIGHUP on to the command: the agent keeps measuring until the command
+    has exited, whatever the command does with the signal."""
+    with trio.open_signal_receiver(*FORWARDED_SIGNALS) as signals:
+        async for signum in signals:
+            log.info("%s received: passed on to the command (PID %d)", signal.Signals(signum).name, pid)
+            try:
+                os.kill(pid, signum)
+            except ProcessLookupError:
+                return
+
+
+async def _run_exec(agent: Agent, command: list[str], observer: SummaryObserver) -> int:
     """Measures while `command` runs: every polled source polls once before it starts and once more
-    after it exits; returns the command's exit code (128+N if a signal N killed it)."""
+    after it exits (the command's processes are announced as consumers meanwhile); prints the summary;
+    returns the command's exit code (128+N if a signal N killed it)."""
     async with trio.open_nursery() as nursery:
-        # A signal (Ctrl-C reaches the command too) ends the measurement with its final poll.
-        await nursery.start(partial(agent.run, final_poll_on_signal=True))
+        await nursery.start(partial(agent.run, handle_signals=False))
         assert agent.pipeline is not None
         await agent.pipeline.first_polls_done.wait()
+        started_at = time.monotonic()
         try:
-            process = await trio.run_process(command, check=False, stdin=None)
-            code = process.returncode
+            # Not trio.run_process: the command must stay unreaped (a zombie) until the final poll
+            # has read its last CPU times, and wait4 gives the whole tree's resource usage.
+            process = subprocess.Popen(command)
         except OSError as exc:
             typer.echo(f"exec: cannot run {command[0]!r}: {exc.strerror or exc}", err=True)
-            code = 127 if isinstance(exc, FileNotFoundError) else 126
+            agent.stop(final_poll=True)
+            return 127 if isinstance(exc, FileNotFoundError) else 126
+        pidfd = open_pidfd(process.pid)
+        tree = ProcessTree(process.pid, agent.events)
+        tree.start()
+        observer.pids = tree.announced
+        async with trio.open_nursery() as helpers:
+            helpers.start_soon(_forward_signals, process.pid)
+            helpers.start_soon(tree.follow)
+            await wait_for_exit(process.pid, pidfd)
+            wall = time.monotonic() - started_at
+            helpers.cancel_scope.cancel()
         agent.stop(final_poll=True)
+    # The pipeline has drained: the final poll saw the zombie. Now reap it.
+    tree.end_all()
+    if pidfd is not None:
+        os.close(pidfd)
+    _, status, usage = os.wait4(process.pid, 0)
+    code = os.waitstatus_to_exitcode(status)
+    process.returncode = code  # reaped here, not by Popen
+    summary = Summary(
+        wall_seconds=wall,
+        user_seconds=usage.ru_utime,
+        system_seconds=usage.ru_stime,
+        peak_memory_bytes=usage.ru_maxrss * 1024,
+        peak_memory_note="largest resident set in the tree",
+        processes=len(tree.announced),
+        energy=observer,
+        energy_plugins="energy-attribution" in agent.started_names,
+    )
+    title = f"agent exec: {shlex.join(command)} exited with code {code}"
+    typer.echo(format_summary(title, summary), err=True)
     return 128 - code if code < 0 else code
+
+
+async def _run_watch(agent: Agent, pid: int, pidfd: int | None, observer: SummaryObserver) -> int:
+    """Measures a running process and its children until it exits (or a signal stops the agent), then
+    prints the summary and returns 0."""
+    pipeline_done = trio.Event()
+    started_at = time.monotonic()
+
+    async def run_pipeline(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        await agent.run(final_poll_on_signal=True, task_status=task_status)
+        pipeline_done.set()
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(run_pipeline)
+        tree = ProcessTree(pid, agent.events)
+        tree.start()
+        observer.pids = tree.announced
+        async with trio.open_nursery() as helpers:
+            helpers.start_soon(tree.follow)
+
+            async def until_exit() -> None:
+                await wait_for_exit(pid, pidfd)
+                helpers.cancel_scope.cancel()
+
+            async def until_stopped() -> None:
+                await pipeline_done.wait()
+                helpers.cancel_scope.cancel()
+
+            helpers.start_soon(until_exit)
+            helpers.start_soon(until_stopped)
+        wall = time.monotonic() - started_at
+        agent.stop(final_poll=True)
+    tree.end_all()
+    if pidfd is not None:
+        os.close(pidfd)
+    cpu = observer.cpu_by_kind
+    summary = Summary(
+        wall_seconds=wall,
+        user_seconds=cpu.get("user", 0.0) + cpu.get("guest", 0.0),
+        system_seconds=cpu.get("system", 0.0),
+        peak_memory_bytes=observer.peak_resident,
+        peak_memory_note="resident, the tree's largest total at one poll (procfs)",
+        processes=len(tree.announced),
+        energy=observer,
+        energy_plugins="energy-attribution" in agent.started_names,
+    )
+    if "procfs" not in agent.started_names:
+        log.warning("watch: procfs is not enabled, so the CPU time and memory of the process are not measured")
+    typer.echo(format_summary(f"agent watch: process {pid} measured while it ran", summary), err=True)
+    return 0
+
+
+ConfigOption = Annotated[
+    Path | None, typer.Option("--config", "-c", help="The TOML config file (as before the sub-command).")
+]
+PluginsOption = Annotated[
+    str | None, typer.Option("--plugins", help="Enable only these plugins (as before the sub-command).")
+]
+
+
+def _sub_command_options(options: Options, config: Path | None, plugins: str | None) -> Options:
+    """`--config` and `--plugins` given after the sub-command's name win over those before it."""
+    if config is not None:
+        options.config_path = config
+    if plugins is not None:
+        options.overrides.only_plugins = [p.strip() for p in plugins.split(",") if p.strip()]
+    return options
 
 
 @app.command("exec", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def exec_command(
     ctx: typer.Context,
     command: Annotated[list[str], typer.Argument(help="The command to run, after --.")],
+    config: ConfigOption = None,
+    plugins: PluginsOption = None,
 ) -> None:
-    """Run a command and measure while it runs; exit with its exit code."""
-    raise typer.Exit(run_agent(ctx.obj, command=list(command) + list(ctx.args)))
+    """Run a command and measure it while it runs (its processes are consumers); print a summary on
+    stderr; exit with its exit code. SIGINT, SIGTERM and SIGHUP are passed on to the command."""
+    options = _sub_command_options(ctx.obj, config, plugins)
+    raise typer.Exit(run_agent(options, command=list(command) + list(ctx.args)))
+
+
+@app.command("watch")
+def watch_command(
+    ctx: typer.Context,
+    pid: Annotated[int, typer.Argument(help="The PID of a running process.")],
+    config: ConfigOption = None,
+    plugins: PluginsOption = None,
+) -> None:
+    """Measure a running process and its children until it exits; print a summary on stderr; exit 0.
+    A PID that does not exist exits 2."""
+    options = _sub_command_options(ctx.obj, config, plugins)
+    raise typer.Exit(run_agent(options, watch_pid=pid))
 
 
 @plugins_app.command("list")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import signal
+from collections.abc import Sequence
 from typing import Any
 
 import msgspec
@@ -74,13 +75,21 @@ class Agent:
         #: Consumers and resources that come and go: `agent exec` and sources publish, plugins listen.
         self.events = EventBus()
         self.started: dict[str, Plugin] = {}
+        self._started_names: list[str] = []
         self.elements: list[Element] = []
         self.pipeline: Pipeline | None = None
         #: Set when a second signal ended the agent without draining; 0 otherwise.
         self.forced_exit_code = 0
 
-    def start_plugins(self) -> Pipeline:
-        """Calls `start` on every enabled plugin, in config order, and builds the pipeline."""
+    @property
+    def started_names(self) -> list[str]:
+        """The plugins started (kept after `stop_plugins`, unlike `started`)."""
+        return self._started_names
+
+    def start_plugins(self, extra_elements: Sequence[Element] = ()) -> Pipeline:
+        """Calls `start` on every enabled plugin, in config order, and builds the pipeline.
+        `extra_elements` come after the plugins' elements (`agent exec`'s summary observer, a transform
+        that must see what the plugins' transforms added)."""
         data_dir = self.config.data_dir
         for name, plugin_config in self.config.plugins.items():
             plugin = self.available[name].cls()
@@ -99,7 +108,9 @@ class Agent:
                 self.stop_plugins()
                 raise PluginStartError(f"plugin {name} failed to start: {describe_exception(exc)}") from exc
             self.started[name] = plugin
+            self._started_names.append(name)
             self.elements += ctx.elements
+        self.elements += extra_elements
         # Transforms run in the order their elements were added: the plugins start in config order
         # (the order of the [plugins.*] tables, kept by agent.config.resolve).
         if self.config.agent.self_metrics_interval > 0:

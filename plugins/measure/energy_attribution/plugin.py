@@ -65,12 +65,13 @@ class _Stream:
     last: int | None = None
     intervals: list[Interval] = field(default_factory=list)
 
-    def add(self, timestamp: int, value: float) -> None:
-        if self.last is None or timestamp <= self.last:
-            # The first point opens the stream: it covers nothing before it that we know of.
-            start = timestamp if self.last is None else self.last
+    def add(self, timestamp: int, value: float, first_start: int | None = None) -> None:
+        """`first_start`: where the stream's first delta starts, if known (the source's previous poll,
+        for a consumer that appeared since); without it the first delta is an instant."""
+        if self.last is None:
+            start = first_start if first_start is not None and first_start < timestamp else timestamp
         else:
-            start = self.last
+            start = min(self.last, timestamp)
         self.intervals.append(Interval(start, timestamp, value))
         self.last = max(timestamp, self.last or timestamp)
 
@@ -98,6 +99,8 @@ class EnergyAttribution(Transform):
         # consumer -> per-timestamp CPU (the kinds of one poll summed before they become an interval)
         self._cpu: dict[Consumer, _Stream] = {}
         self._attributes: dict[Consumer, dict[str, object]] = {}
+        # The latest timestamp of each consumer kind: the previous poll of its source.
+        self._kind_last: dict[str, int] = {}
         self._said: set[str] = set()
         self._energy_intervals_seen = 0
         self._cpu_points_seen = 0
@@ -143,14 +146,17 @@ class EnergyAttribution(Transform):
         for t in sorted(busy):
             self._busy.add(t, busy[t])
             self._busy_points_seen += 1
+        kind_last = dict(self._kind_last)
         for consumer in set(cpu) | set(cpu_total):
             by_time = cpu_total.get(consumer) or cpu[consumer]
             stream = self._cpu.get(consumer)
             if stream is None:
                 stream = self._cpu[consumer] = _Stream()
             for t in sorted(by_time):
-                stream.add(t, by_time[t])
+                stream.add(t, by_time[t], self._previous_poll(consumer.kind, t, kind_last))
                 self._cpu_points_seen += 1
+                if t > self._kind_last.get(consumer.kind, -1):
+                    self._kind_last[consumer.kind] = t
         for t in sorted(energy):
             if self._energy_last is not None and t > self._energy_last:
                 resource = energy_resource[t]
@@ -158,6 +164,17 @@ class EnergyAttribution(Transform):
                 self._energy_intervals_seen += 1
             if self._energy_last is None or t > self._energy_last:
                 self._energy_last = t
+
+    def _previous_poll(self, kind: str, t: int, kind_last: dict[str, int]) -> int | None:
+        """Where a new consumer's first delta starts: the previous poll of the source of its kind (a
+        consumer that appears between two polls is new since the earlier one). Before any point of
+        the kind, the previous poll of the machine's CPU time, which procfs gives at the same polls."""
+        last = kind_last.get(kind)
+        if last is not None and last < t:
+            return last
+        if kind == "process":
+            return max((i.end for i in self._busy.intervals if i.end < t), default=None)
+        return None
 
     # -- attributing --
 
