@@ -33,6 +33,7 @@ BUILTIN_PLUGIN_MODULES: tuple[str, ...] = (
     "agent_plugins.discard.plugin",
     "agent_plugins.filter.plugin",
     "agent_plugins.measure.procfs.plugin",
+    "agent_plugins.measure.cgroups.plugin",
     "agent_plugins.measure.energy_estimation_tdp.plugin",
     "agent_plugins.measure.energy_attribution.plugin",
     "agent_plugins.relay.relay_client.plugin",

@@ -1,0 +1,1 @@
+"""The `cgroups` source plugin: per-cgroup counters, cgroups announced as consumers."""
