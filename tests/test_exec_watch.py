@@ -14,7 +14,7 @@ from pathlib import Path
 
 AGENT = [sys.executable, "-m", "agent.cli"]
 MEASURE = ["--plugins", "procfs,energy-estimation-tdp,energy-attribution,csv"]
-BURN = "import os, time\nprint(os.getpid(), flush=True)\nend = time.time() + {seconds}\nwhile time.time() < end: pass"
+BURN = "import os, time\nos.write(1, (str(os.getpid()) + '\\n').encode())  # one write: children print at once\nend = time.time() + {seconds}\nwhile time.time() < end: pass"
 
 
 def run(args: list[str], cwd: Path, timeout: float = 60) -> subprocess.CompletedProcess[str]:
