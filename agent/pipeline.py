@@ -473,51 +473,75 @@ class Pipeline:
             async for batch, callback in self._receive_channel:
                 if not all(_well_formed(s) for s in batch.series):
                     batch = self._without_malformed(batch)
-                for name, transform in self._active_transforms:
-                    try:
-                        result = transform.apply(batch)
-                    except Exception as exc:
-                        # A broken transform must not lose data: the batch goes on unchanged.
-                        self.transform_errors += 1
-                        self.transform_states[name].errors += 1
-                        self.transform_states[name].last_error = describe_exception(exc)
-                        log.error(
-                            "transform %s failed, batch passed on unchanged: %s",
-                            name,
-                            describe_exception(exc),
-                        )
-                        log.debug("transform failure", exc_info=True)
-                        continue
-                    if result is None:
-                        batch = Batch()
-                        break
-                    batch = result
-                points = len(batch)
-                if self.taps and points:
-                    for tap in self.taps:
-                        tap.offer(batch)
-                if points == 0 or not inboxes:
-                    if callback is not None:
-                        callback(True)
-                    continue
-                disabled = self.disabled_outputs
-                if disabled:
-                    # A disabled output is out of the pipeline for now: its points are counted as
-                    # dropped, and acknowledgements wait only for the enabled outputs (an operator's
-                    # choice must not make every relay client resend for ever).
-                    for inbox in inboxes:
-                        if inbox.name in disabled:
-                            inbox.refuse(Envelope(batch, points, None, inbox), "the output is disabled")
-                    enabled = [inbox for inbox in inboxes if inbox.name not in disabled]
-                    if not enabled:
-                        if callback is not None:
-                            callback(True)
-                        continue
-                else:
-                    enabled = inboxes
-                tracker = BatchTracker(len(enabled), callback) if callback is not None else None
-                for inbox in enabled:
-                    await inbox.put(Envelope(batch, points, tracker, inbox))
+                await self._route(batch, callback, self._active_transforms, inboxes)
+        # Every source has stopped: transforms that hold points back (aggregation windows) hand them
+        # over, through the transforms after them, before the outputs drain.
+        transforms = list(self._active_transforms)
+        for index, (name, transform) in enumerate(transforms):
+            finish = getattr(transform, "finish", None)
+            if finish is None:
+                continue
+            try:
+                held = finish()
+            except Exception as exc:
+                log.error("transform %s failed to hand over what it held: %s", name, describe_exception(exc))
+                continue
+            if held is not None and len(held):
+                await self._route(held, None, transforms[index + 1 :], inboxes)
+
+    async def _route(
+        self,
+        batch: Batch,
+        callback: AckCallback | None,
+        transforms: list[tuple[str, Transform]],
+        inboxes: list[OutputInbox],
+    ) -> None:
+        """Passes one batch through `transforms`, then into every enabled output's queue."""
+        for name, transform in transforms:
+            try:
+                result = transform.apply(batch)
+            except Exception as exc:
+                # A broken transform must not lose data: the batch goes on unchanged.
+                self.transform_errors += 1
+                self.transform_states[name].errors += 1
+                self.transform_states[name].last_error = describe_exception(exc)
+                log.error(
+                    "transform %s failed, batch passed on unchanged: %s",
+                    name,
+                    describe_exception(exc),
+                )
+                log.debug("transform failure", exc_info=True)
+                continue
+            if result is None:
+                batch = Batch()
+                break
+            batch = result
+        points = len(batch)
+        if self.taps and points:
+            for tap in self.taps:
+                tap.offer(batch)
+        if points == 0 or not inboxes:
+            if callback is not None:
+                callback(True)
+            return
+        disabled = self.disabled_outputs
+        if disabled:
+            # A disabled output is out of the pipeline for now: its points are counted as
+            # dropped, and acknowledgements wait only for the enabled outputs (an operator's
+            # choice must not make every relay client resend for ever).
+            for inbox in inboxes:
+                if inbox.name in disabled:
+                    inbox.refuse(Envelope(batch, points, None, inbox), "the output is disabled")
+            enabled = [inbox for inbox in inboxes if inbox.name not in disabled]
+            if not enabled:
+                if callback is not None:
+                    callback(True)
+                return
+        else:
+            enabled = inboxes
+        tracker = BatchTracker(len(enabled), callback) if callback is not None else None
+        for inbox in enabled:
+            await inbox.put(Envelope(batch, points, tracker, inbox))
 
     def _without_malformed(self, batch: Batch) -> Batch:
         """Drops series whose columns differ in length: no output could write them, and one poison

@@ -145,6 +145,11 @@ class Transform(abc.ABC):
         """Called by the dispatcher for every batch, in config order; an exception is logged and the
         batch goes on unchanged."""
 
+    def finish(self) -> Batch | None:
+        """Called once at shutdown, after the last batch: returns the points the transform still holds
+        (an aggregation's open windows), which go through the transforms after it to the outputs."""
+        return None
+
 
 class Output:
     """Writes batches. Implement `write` (simple outputs) or `run` (outputs that manage their own flow).

@@ -207,6 +207,10 @@ class RaplPlugin(Plugin):
             "rapl_consumed_energy", "J", "float", "energy consumed by the RAPL domain since the previous poll"
         )
         ctx.create_metric("rapl_power", "W", "float", "mean power of the RAPL domain since the previous poll")
+        # Announced as resources on the event bus: a plugin that measures per resource (or a user's
+        # listener) learns what this machine has without reading the powercap tree itself.
+        for d in domains:
+            ctx.events.resource_started(d.resource, domain=d.domain)
         ctx.add_source(RaplSource(domains, config.poll_interval, config.flush_interval))
 
 

@@ -188,3 +188,18 @@ def test_discovery_ignores_mmio_and_unknown_zones(powercap: Path) -> None:
 def test_bad_config(table: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=f"plugins.rapl: {message}"):
         convert_section(table, RaplConfig, "plugins.rapl")
+
+
+def test_domains_are_announced_as_resources(powercap: Path) -> None:
+    from agent import EventBus
+    from agent.testing import start_plugin
+
+    events = EventBus()
+    start_plugin(RaplPlugin, {"powercap_root": str(powercap)}, events=events)
+    announced = [(e.kind, e.resource.kind, e.resource.id, e.attributes["domain"]) for e in events.active()]
+    assert announced == [
+        ("resource_started", "cpu_package", "0", "package"),
+        ("resource_started", "dram", "0", "dram"),
+        ("resource_started", "cpu_package", "1", "package"),
+        ("resource_started", "dram", "1", "dram"),
+    ]
