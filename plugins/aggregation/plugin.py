@@ -142,6 +142,7 @@ class Aggregation(Transform):
 class AggregationPlugin(Plugin):
     name = "aggregation"
     version = "0.1.0"
+    agent_api = ">=1,<2"
     description = "Mean, sum, min or max of chosen metrics over tumbling windows."
     Config = AggregationConfig
     provides = ("transform",)

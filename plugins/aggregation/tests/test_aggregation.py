@@ -7,10 +7,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from agent import Batch, Consumer, LOCAL_MACHINE, MetricDef, Series
+from agent import LOCAL_MACHINE, Batch, Consumer, MetricDef, Series
 from agent.config import ConfigError
-from agent_plugins.aggregation.plugin import AggregationPlugin
 from agent.testing import CollectingOutput, running_pipeline, start_plugin, transform_element
+from agent_plugins.aggregation.plugin import AggregationPlugin
 
 S = 1_000_000_000
 P = Consumer("process", "7")

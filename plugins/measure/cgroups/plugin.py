@@ -147,7 +147,7 @@ class CgroupsSource(PolledSource):
         found: dict[str, dict[str, Path]] = {}
         for mount in layout.mounts():
             base = Path(mount.mount_point)
-            for directory, subdirs, _ in os.walk(base):
+            for directory, _subdirs, _ in os.walk(base):
                 relative = os.path.relpath(directory, base)
                 if relative == ".":
                     continue
@@ -267,6 +267,7 @@ def _read_optional(directory: Path | None, name: str) -> str | None:
 class CgroupsPlugin(Plugin):
     name = "cgroups"
     version = "0.1.0"
+    agent_api = ">=1,<2"
     description = "CPU, memory, I/O and pressure per cgroup (v2, v1, hybrid); cgroups announced as consumers."
     Config = CgroupsConfig
     provides = ("source",)

@@ -40,7 +40,12 @@ from agent import (
     Transform,
     hookimpl,
 )
-from agent_plugins.measure.energy_attribution.align import Interval, amount_in_window, coverage_end, parent_path, share
+from agent_plugins.measure.energy_attribution.align import (
+    Interval,
+    amount_in_window,
+    parent_path,
+    share,
+)
 from agent_plugins.measure.linux.proc import NOT_BUSY_STATES
 
 log = logging.getLogger(__name__)
@@ -268,6 +273,7 @@ class EnergyAttribution(Transform):
 class AttributionPlugin(Plugin):
     name = "energy-attribution"
     version = "0.1.0"
+    agent_api = ">=1,<2"
     description = "Shares the machine's CPU energy (RAPL or estimated) among processes and cgroups by CPU time."
     Config = AttributionConfig
     provides = ("transform",)

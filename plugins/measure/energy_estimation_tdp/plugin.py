@@ -17,10 +17,18 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import msgspec
 import trio
 
-from agent import BatchBuilder, LOCAL_MACHINE_CONSUMER, Plugin, PolledSource, PolledSourceConfig, Resource, StartContext, hookimpl
+from agent import (
+    LOCAL_MACHINE_CONSUMER,
+    BatchBuilder,
+    Plugin,
+    PolledSource,
+    PolledSourceConfig,
+    Resource,
+    StartContext,
+    hookimpl,
+)
 from agent_plugins.measure.linux.proc import busy_ticks, counter_delta, parse_kernel_stat
 
 TICKS_PER_SECOND = os.sysconf("SC_CLK_TCK")
@@ -76,6 +84,7 @@ class TdpSource(PolledSource):
 class TdpPlugin(Plugin):
     name = "energy-estimation-tdp"
     version = "0.1.0"
+    agent_api = ">=1,<2"
     description = "CPU package energy estimated from CPU use and a TDP (for machines without RAPL)."
     Config = TdpConfig
     provides = ("source",)

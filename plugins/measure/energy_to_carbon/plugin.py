@@ -14,7 +14,17 @@ import fnmatch
 
 import msgspec
 
-from agent import Batch, MetricDef, MetricRegistry, Plugin, PluginConfig, Series, StartContext, Transform, hookimpl
+from agent import (
+    Batch,
+    MetricDef,
+    MetricRegistry,
+    Plugin,
+    PluginConfig,
+    Series,
+    StartContext,
+    Transform,
+    hookimpl,
+)
 
 JOULES_PER_KWH = 3.6e6
 
@@ -87,6 +97,7 @@ class EnergyToCarbon(Transform):
 class CarbonPlugin(Plugin):
     name = "energy-to-carbon"
     version = "0.1.0"
+    agent_api = ">=1,<2"
     description = "Grams of CO2-equivalent from energy points, at a configured carbon intensity."
     Config = CarbonConfig
     provides = ("transform",)

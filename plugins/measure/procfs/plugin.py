@@ -47,8 +47,8 @@ from agent_plugins.measure.linux.proc import (
     PidStat,
     counter_delta,
     meminfo_metric_name,
-    parse_key_values,
     parse_kernel_stat,
+    parse_key_values,
     parse_net_dev,
     parse_pid_stat,
     parse_statm,
@@ -401,6 +401,7 @@ def meminfo_metrics(text: str) -> list[tuple[str, str]]:
 class ProcfsPlugin(Plugin):
     name = "procfs"
     version = "0.1.0"
+    agent_api = ">=1,<2"
     description = "Kernel CPU, memory and network counters and per-process CPU, memory and I/O, from /proc."
     Config = ProcfsConfig
     provides = ("source",)

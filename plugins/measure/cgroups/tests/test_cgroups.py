@@ -15,7 +15,7 @@ import trio
 from hypothesis import given
 from hypothesis import strategies as st
 
-from agent import Batch, Consumer, Event, EventBus, LOCAL_MACHINE, LOCAL_MACHINE_CONSUMER, Series
+from agent import LOCAL_MACHINE, LOCAL_MACHINE_CONSUMER, Batch, Consumer, Event, EventBus, Series
 from agent.testing import poll_once, start_plugin
 from agent_plugins.measure.cgroups.plugin import CgroupsPlugin, choose_layout
 from agent_plugins.measure.energy_attribution.plugin import EnergyAttribution

@@ -8,9 +8,14 @@ from pathlib import Path
 import pytest
 
 from agent import Event
-from agent.testing import poll_once, start_plugin
-from agent_plugins.measure.energy_estimation_tdp.plugin import TdpPlugin, TdpSource, TdpConfig, estimated_joules
 from agent.config import ConfigError
+from agent.testing import poll_once, start_plugin
+from agent_plugins.measure.energy_estimation_tdp.plugin import (
+    TdpConfig,
+    TdpPlugin,
+    TdpSource,
+    estimated_joules,
+)
 
 
 def stat_text(user: int, idle: int, guest: int = 0) -> str:

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from agent import Batch, Consumer, LOCAL_MACHINE, MetricDef, Series
+from agent import LOCAL_MACHINE, Batch, Consumer, MetricDef, Series
 from agent.config import ConfigError
 from agent.testing import start_plugin
 from agent_plugins.measure.energy_to_carbon.plugin import CarbonPlugin, grams
