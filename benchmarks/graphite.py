@@ -4,7 +4,7 @@ hashing over 4 destinations) -> counting sinks, beside graphite's own carbon-rel
     python benchmarks/graphite.py [--lines 4000000] [--paths 100000] [--connections 32] [--agents 2]
                                   [--carbon-lines 200000] [--carbon-venv DIR] [--no-carbon]
                                   [--read-size 256KiB] [--graphite-out "queue_max_points = 10000"]
-                                  [--agent-prefix "py-spy record -o a.svg --"]
+                                  [--agent-prefix "py-spy record -o a.svg --"] [--control-rounds 3]
 
 Three kinds of processes share the machine, as in production: the sender (its own process: pre-built
 lines written as fast as the relay takes them, over `--connections` TCP connections), the relay, and
@@ -24,11 +24,17 @@ the sinks (one process, 4 listening sockets, counting newlines). The relay is:
 
 Also in the same run, **raw**: the sender straight into one sink, the ceiling of moving these bytes.
 
+With `--control-rounds N`, one agent is then measured N more times with the control API off and on,
+alternating: "on" adds `[agent] http` (rates sampled every second) and a status page open on it
+(`status_poller.py`, one `GET /api/status` per second); the control socket is on in both, as in every
+`agent` process.
+
 The rate is lines over the time from the sender's first byte to the sinks' last line. Each relay's CPU
 time is printed too: on a shared machine the wall-clock rate moves with the neighbours' load, lines
 per CPU-second less so. The last line is JSON: {"raw_lines_per_s", "lines_per_s" (one agent),
 "reuse_port_agents", "reuse_port_lines_per_s", "carbon_relay_lines_per_s" (null if carbon is not
-installed), "ratio" (one agent / carbon-relay, or null)}.
+installed), "ratio" (one agent / carbon-relay, or null)}, and with --control-rounds the medians
+"control_off_lines_per_s" and "control_on_lines_per_s" with every round's figure.
 """
 
 from __future__ import annotations
@@ -41,6 +47,7 @@ import re
 import selectors
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -48,6 +55,7 @@ import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import psutil
 
@@ -227,6 +235,7 @@ def agent_config(
     reuse_port: bool,
     read_size: str | None,
     output_options: Sequence[str] = (),
+    http: str = "",
 ) -> str:
     destinations = ", ".join(f'"127.0.0.1:{port}:{i}"' for i, port in enumerate(ports))
     read_size_line = f'read_size = "{read_size}"' if read_size else ""
@@ -236,6 +245,7 @@ def agent_config(
 data_dir = "{data_dir}"
 self_metrics_interval = "0s"
 log_level = "info"
+http = "{http}"
 
 [plugins.graphite-in]
 plaintext = "{listen}"
@@ -255,7 +265,11 @@ destinations = [{destinations}]
 """
 
 
-def start_agent(config: Path, prefix: list[str]) -> tuple[subprocess.Popen, int]:
+def start_agent(
+    config: Path, prefix: list[str], http: list[str] | None = None
+) -> tuple[subprocess.Popen, int]:
+    """Starts an agent and returns it with its graphite-in port; `http` receives its status page's
+    address when it serves one."""
     process = subprocess.Popen(
         [*prefix, sys.executable, "-m", "agent.cli", "--config", str(config)],
         stdout=subprocess.DEVNULL,
@@ -268,6 +282,9 @@ def start_agent(config: Path, prefix: list[str]) -> tuple[subprocess.Popen, int]
         line = process.stderr.readline()
         if not line:
             break
+        page = re.search(r"status page and control API on http://(\S+)/", line)
+        if page and http is not None:
+            http.append(page.group(1))
         match = re.search(r"graphite-in: listening: plaintext on 127\.0\.0\.1:(\d+)", line)
         if match:
             # Keep reading stderr so that the agent never blocks on a full pipe.
@@ -323,6 +340,71 @@ def run_agents(count: int, ports: list[int], block: bytes, args: argparse.Namesp
             for agent in agents:
                 # SIGINT: a profiler running the agent (--agent-prefix) writes its output on it.
                 stop(agent, signal.SIGINT)
+
+
+def run_control_rounds(
+    ports: list[int], block: bytes, args: argparse.Namespace, sinks: tuple
+) -> dict[str, Any]:
+    """One agent, `args.control_rounds` times with the control API off and on, alternating."""
+    rounds: dict[str, list[float]] = {"off": [], "on": []}
+    for number in range(args.control_rounds):
+        for mode in ("off", "on") if number % 2 == 0 else ("on", "off"):
+            with tempfile.TemporaryDirectory() as tmp:
+                config = Path(tmp) / "agent.toml"
+                config.write_text(
+                    agent_config(
+                        ports,
+                        Path(tmp) / "data",
+                        "127.0.0.1:0",
+                        False,
+                        args.read_size,
+                        args.graphite_out,
+                        http="127.0.0.1:0" if mode == "on" else "",
+                    )
+                )
+                http: list[str] = []
+                agent, port = start_agent(config, [], http)
+                poller = None
+                try:
+                    if mode == "on":
+                        poller = subprocess.Popen(
+                            [
+                                sys.executable,
+                                str(Path(__file__).with_name("status_poller.py")),
+                                f"http://{http[0]}",
+                            ],
+                            stdout=subprocess.PIPE,
+                        )
+                        assert poller.stdout is not None
+                        poller.stdout.readline()  # "ready": the page is open
+                    rate = measure(
+                        f"round {number + 1}, control API {mode}",
+                        port,
+                        block,
+                        args.lines,
+                        args.paths,
+                        args.connections,
+                        sinks,
+                        [agent.pid],
+                    )
+                    rounds[mode].append(rate)
+                finally:
+                    if poller is not None:
+                        poller.kill()
+                        poller.wait()
+                    stop(agent)
+    off, on = statistics.median(rounds["off"]), statistics.median(rounds["on"])
+    spread = (max(rounds["off"]) - min(rounds["off"])) / off
+    print(
+        f"control API off: median {off:,.0f} lines/s (spread {spread:.0%} of it); on, with a status page"
+        f" open: median {on:,.0f} lines/s; ratio on / off: {on / off:.3f}"
+    )
+    return {
+        "control_off_lines_per_s": off,
+        "control_on_lines_per_s": on,
+        "control_off_rounds": [round(r) for r in rounds["off"]],
+        "control_on_rounds": [round(r) for r in rounds["on"]],
+    }
 
 
 # -- carbon-relay --------------------------------------------------------------------------------------------
@@ -426,6 +508,12 @@ def main() -> None:
         default="",
         help='a command to run the agent under, e.g. "py-spy record -o agent.svg --" to profile it',
     )
+    parser.add_argument(
+        "--control-rounds",
+        type=int,
+        default=0,
+        help="then N rounds of one agent with the control API off and on",
+    )
     args = parser.parse_args()
 
     block = build_lines(args.paths)
@@ -441,13 +529,15 @@ def main() -> None:
         f" connections, {DESTINATIONS} destinations, {os.cpu_count()} cores",
         flush=True,
     )
-    figures: dict[str, float | None] = {}
+    figures: dict[str, Any] = {}
     try:
         figures["raw_lines_per_s"] = raw_rate(ports, block, args.lines, args.paths, args.connections, sinks)
         figures["lines_per_s"] = run_agents(1, ports, block, args, sinks)
         if args.agents > 1:
             figures["reuse_port_agents"] = args.agents
             figures["reuse_port_lines_per_s"] = run_agents(args.agents, ports, block, args, sinks)
+        if args.control_rounds:
+            figures |= run_control_rounds(ports, block, args, sinks)
         figures["carbon_relay_lines_per_s"] = None
         venv = None if args.no_carbon else find_carbon_venv(args.carbon_venv)
         if venv is None:

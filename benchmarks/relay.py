@@ -1,7 +1,7 @@
 """Relay throughput: synthetic -> relay-client -> relay-server -> discard, beside the raw transfer rate.
 
     python benchmarks/relay.py [--points 20000000] [--series 10] [--points-per-batch 10000]
-                               [--buffer-max-length 100000]
+                               [--buffer-max-length 100000] [--control-rounds 3]
 
 Two measurements of the same batches, in the same run, each with the sender in its own process:
 
@@ -13,8 +13,14 @@ Two measurements of the same batches, in the same run, each with the sender in i
   source and the `discard` output) over loopback, with acknowledgements: a batch leaves the client's
   buffer only once the server's output has it.
 
+With `--control-rounds N`, the end-to-end measurement is then repeated N times with the control API off
+and on, alternating: "on" is the server agent serving its control socket and `[agent] http` (rates sampled
+every second) with a status page open on it (`status_poller.py`, one `GET /api/status` per second); "off"
+is the server agent without either. The client agent is the same `agent` process in both.
+
 The rate is points over the time from the first point received to the last one written. The last line
-is JSON: {"points_per_s": ..., "raw_points_per_s": ...}.
+is JSON: {"points_per_s": ..., "raw_points_per_s": ...} (and with --control-rounds, the medians
+"control_off_points_per_s", "control_on_points_per_s" and every round's figure).
 """
 
 from __future__ import annotations
@@ -22,6 +28,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
+import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -147,14 +156,19 @@ overflow = "block"
 """
 
 
-async def measure_end_to_end(points: int, args: argparse.Namespace, workdir: Path) -> tuple[float, int]:
+async def measure_end_to_end(
+    points: int, args: argparse.Namespace, workdir: Path, control: bool = False
+) -> tuple[float, int]:
     pm = build_plugin_manager()
     plugins = collect_plugins(pm)
+    for old in ("server-data", "client-data"):
+        shutil.rmtree(workdir / old, ignore_errors=True)
     document = {
         "agent": {
             "data_dir": str(workdir / "server-data"),
             "self_metrics_interval": "0s",
             "log_level": "warning",
+            "http": "127.0.0.1:0" if control else "",
         },
         "plugins": {
             "relay-server": {"address": "127.0.0.1:0"},
@@ -162,13 +176,25 @@ async def measure_end_to_end(points: int, args: argparse.Namespace, workdir: Pat
         },
     }
     config = config_mod.resolve(document, plugins, path=None)
-    agent = Agent(config, plugins, pm)
+    agent = Agent(config, plugins, pm, control=control)
     agent.start_plugins()
     server = next(e.obj for e in agent.elements if e.plugin == "relay-server")
     discard = next(e.obj for e in agent.elements if e.plugin == "discard")
     async with trio.open_nursery() as nursery:
         await nursery.start(lambda task_status: agent.run(handle_signals=False, task_status=task_status))
         port = int(server.bound_addresses[0].rsplit(":", 1)[1])
+        poller = None
+        if control:
+            poller = await trio.lowlevel.open_process(
+                [
+                    sys.executable,
+                    str(Path(__file__).with_name("status_poller.py")),
+                    f"http://{agent.http_address}",
+                ],
+                stdout=subprocess.PIPE,
+            )
+            assert poller.stdout is not None
+            await poller.stdout.receive_some(100)  # "ready": the page is open
         config_path = workdir / "client.toml"
         config_path.write_text(client_config(port, workdir / "client-data", points, args))
         command = [sys.executable, "-m", "agent.cli", "--config", str(config_path)]
@@ -183,6 +209,9 @@ async def measure_end_to_end(points: int, args: argparse.Namespace, workdir: Pat
         received = discard.points
         process.terminate()
         await process.wait()
+        if poller is not None:
+            poller.terminate()
+            await poller.wait()
         agent.stop()
     return received / elapsed, received
 
@@ -196,6 +225,9 @@ def main() -> None:
     parser.add_argument("--points-per-batch", type=int, default=10_000)
     parser.add_argument("--buffer-max-length", type=int, default=100_000)
     parser.add_argument("--memory-buffer", action="store_true", help="disk_buffer = false on the client")
+    parser.add_argument(
+        "--control-rounds", type=int, default=0, help="then N rounds with the control API off and on"
+    )
     parser.add_argument("--raw-sender", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--batches", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -217,7 +249,28 @@ def main() -> None:
         f" {rate / 1e6:.2f} M points/s ({received} points)"
     )
     print(f"ratio raw / end to end: {raw / rate:.2f}")
-    print(json.dumps({"points_per_s": round(rate), "raw_points_per_s": round(raw)}))
+    figures: dict[str, Any] = {"points_per_s": round(rate), "raw_points_per_s": round(raw)}
+    if args.control_rounds:
+        rounds: dict[str, list[float]] = {"off": [], "on": []}
+        with tempfile.TemporaryDirectory(prefix="relay-bench-") as tmp:
+            for number in range(args.control_rounds):
+                for mode in ("off", "on") if number % 2 == 0 else ("on", "off"):
+                    rate, _ = trio.run(measure_end_to_end, args.points, args, Path(tmp), mode == "on")
+                    rounds[mode].append(rate)
+                    print(f"round {number + 1}, control API {mode}: {rate / 1e6:.2f} M points/s", flush=True)
+        off, on = statistics.median(rounds["off"]), statistics.median(rounds["on"])
+        spread = (max(rounds["off"]) - min(rounds["off"])) / off
+        print(
+            f"control API off: median {off / 1e6:.2f} M points/s (spread {spread:.0%} of it);"
+            f" on, with a status page open: median {on / 1e6:.2f} M points/s; ratio on / off: {on / off:.3f}"
+        )
+        figures |= {
+            "control_off_points_per_s": round(off),
+            "control_on_points_per_s": round(on),
+            "control_off_rounds": [round(r) for r in rounds["off"]],
+            "control_on_rounds": [round(r) for r in rounds["on"]],
+        }
+    print(json.dumps(figures))
 
 
 if __name__ == "__main__":
