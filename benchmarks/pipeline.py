@@ -82,9 +82,7 @@ def pipeline_rate(points: int, series: int, batch_points: int) -> tuple[float, i
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--points", type=int, default=20_000_000)
     parser.add_argument("--series", type=int, default=10)
     parser.add_argument("--batch", type=int, default=1000, help="points per batch")
@@ -96,11 +94,7 @@ def main() -> None:
     print(f"baseline (bare trio channel):             {raw / 1e6:8.2f} M points/s")
     print(f"pipeline (synthetic -> filter -> discard): {rate / 1e6:8.2f} M points/s")
     print(f"ratio pipeline/baseline: {rate / raw:.2f}   dropped: {dropped}")
-    print(
-        json.dumps(
-            {"points_per_s": round(rate), "baseline_points_per_s": round(raw), "ratio": round(rate / raw, 3)}
-        )
-    )
+    print(json.dumps({"points_per_s": round(rate), "baseline_points_per_s": round(raw), "ratio": round(rate / raw, 3)}))
 
 
 if __name__ == "__main__":
