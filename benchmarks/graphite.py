@@ -173,7 +173,9 @@ def measure(
     connections: int,
     sinks: tuple[multiprocessing.Queue, multiprocessing.Queue],
     relay_pids: Sequence[int] = (),
+    cpu_out: list[float] | None = None,
 ) -> float:
+    """Lines per second; `cpu_out` receives the relays' CPU seconds."""
     commands, results = sinks
     lines = lines // block_lines * block_lines
     relay = [process for pid in relay_pids for process in _processes(pid)]
@@ -199,6 +201,8 @@ def measure(
         )
     if received != lines:
         raise SystemExit(f"{name}: {lines - received} lines were lost")
+    if cpu_out is not None:
+        cpu_out.append(cpu)
     return rate
 
 
@@ -347,6 +351,7 @@ def run_control_rounds(
 ) -> dict[str, Any]:
     """One agent, `args.control_rounds` times with the control API off and on, alternating."""
     rounds: dict[str, list[float]] = {"off": [], "on": []}
+    per_cpu: dict[str, list[float]] = {"off": [], "on": []}
     for number in range(args.control_rounds):
         for mode in ("off", "on") if number % 2 == 0 else ("on", "off"):
             with tempfile.TemporaryDirectory() as tmp:
@@ -363,6 +368,7 @@ def run_control_rounds(
                     )
                 )
                 http: list[str] = []
+                cpu: list[float] = []
                 agent, port = start_agent(config, [], http)
                 poller = None
                 try:
@@ -386,22 +392,27 @@ def run_control_rounds(
                         args.connections,
                         sinks,
                         [agent.pid],
+                        cpu,
                     )
                     rounds[mode].append(rate)
+                    per_cpu[mode].append(args.lines // args.paths * args.paths / cpu[0])
                 finally:
                     if poller is not None:
                         poller.kill()
                         poller.wait()
                     stop(agent)
-    off, on = statistics.median(rounds["off"]), statistics.median(rounds["on"])
-    spread = (max(rounds["off"]) - min(rounds["off"])) / off
-    print(
-        f"control API off: median {off:,.0f} lines/s (spread {spread:.0%} of it); on, with a status page"
-        f" open: median {on:,.0f} lines/s; ratio on / off: {on / off:.3f}"
-    )
+    for label, values, unit in (("wall clock", rounds, "lines/s"), ("agent CPU", per_cpu, "lines/CPU-s")):
+        off, on = statistics.median(values["off"]), statistics.median(values["on"])
+        spread = (max(values["off"]) - min(values["off"])) / off
+        print(
+            f"{label}: control API off: median {off:,.0f} {unit} (spread {spread:.0%} of it); on, with a"
+            f" status page open: median {on:,.0f} {unit}; ratio on / off: {on / off:.3f}"
+        )
     return {
-        "control_off_lines_per_s": off,
-        "control_on_lines_per_s": on,
+        "control_off_lines_per_s": statistics.median(rounds["off"]),
+        "control_on_lines_per_s": statistics.median(rounds["on"]),
+        "control_off_lines_per_cpu_s": statistics.median(per_cpu["off"]),
+        "control_on_lines_per_cpu_s": statistics.median(per_cpu["on"]),
         "control_off_rounds": [round(r) for r in rounds["off"]],
         "control_on_rounds": [round(r) for r in rounds["on"]],
     }
@@ -570,7 +581,7 @@ def main() -> None:
     print(
         json.dumps(
             {
-                key: (round(value) if key.endswith("_per_s") and value else value)
+                key: (round(value) if key.endswith(("_per_s", "_per_cpu_s")) and value else value)
                 for key, value in figures.items()
             }
         )
