@@ -5,6 +5,7 @@
 (`--relay-out` and `--relay-in` are declared by the relay plugins through the `agent_command_line_flags`
 hook: any plugin can add a flag that enables it and sets one of its keys.)
     agent plugins list [--format json]
+    agent plugins new NAME --kind source|transform|output [--dir PATH]
     agent config regen
     agent exec [--config PATH] [--plugins a,b] -- CMD ARGS...
     agent watch [--config PATH] [--plugins a,b] PID
@@ -452,6 +453,24 @@ def plugin_summary(entry: PluginEntry, enabled: bool) -> dict[str, object]:
             "version": entry.distribution_version,
         },
     }
+
+
+@plugins_app.command("new")
+def plugins_new(
+    ctx: typer.Context,
+    name: Annotated[str, typer.Argument(help="The plugin's name: lower case words joined by '-'.")],
+    kind: Annotated[str, typer.Option("--kind", help="source, transform or output.")],
+    directory: Annotated[Path, typer.Option("--dir", help="Where to write agent-NAME/.")] = Path("."),
+) -> None:
+    """Write a ready plugin package, agent-NAME/, with its tests (see agent.scaffold)."""
+    from agent.scaffold import ScaffoldError, new_plugin
+
+    _, plugins = discover()
+    try:
+        path = new_plugin(name, kind, directory, taken=plugins)
+    except ScaffoldError as exc:
+        raise fail(f"plugins new: {exc}") from None
+    typer.echo(f"wrote {path}; try it: pip install -e {path} && pytest {path}", err=True)
 
 
 @config_app.command("regen")

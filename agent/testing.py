@@ -59,6 +59,8 @@ from typing import Any, TypeVar
 
 import trio
 
+# A bad table in start_plugin raises it: plugin tests import it from here, not from agent.config.
+from agent.config import ConfigError
 from agent.events import EventBus
 from agent.model import (
     LOCAL_MACHINE,
@@ -598,6 +600,7 @@ async def open_agent(
 
 
 __all__ = [
+    "ConfigError",
     "AgentProcess",
     "CollectingOutput",
     "load_config",
