@@ -27,6 +27,7 @@ from agent.backoff import Backoff  # noqa: E402
 from agent.decoding import MalformedData, decode_untrusted  # noqa: E402
 from agent.errors import StartupError, describe_exception  # noqa: E402
 from agent.events import Event, EventBus, EventKind  # noqa: E402
+from agent.formatting import TimestampFormatter, attribute_text  # noqa: E402
 from agent.inbox import AckCallback, Envelope, OutputInbox  # noqa: E402
 from agent.model import (  # noqa: E402
     CONSUMER_KINDS,
@@ -109,7 +110,9 @@ __all__ = [
     "SourceSink",
     "StartContext",
     "StartupError",
+    "TimestampFormatter",
     "Transform",
+    "attribute_text",
     "decode_untrusted",
     "describe_exception",
     "supervise",

@@ -2,8 +2,8 @@
 
 The plugin API is `agent` and its documented public modules (agent.plugin, agent.model, agent.units,
 agent.testing, agent.net, agent.decoding, agent.durable_log, agent.inbox, agent.tasks, agent.ratelimit,
-agent.errors, agent.backoff, agent.hookspecs). Its version is separate from the package's and follows
-semantic versioning:
+agent.errors, agent.backoff, agent.hookspecs, agent.formatting). Its version is separate from the
+package's and follows semantic versioning:
 
 - a major version removes or changes something a plugin may use (a name, a parameter, a hook, a
   behaviour a plugin relies on, such as when a hook is called);

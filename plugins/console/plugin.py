@@ -17,8 +17,18 @@ from typing import Any, TextIO
 import msgspec
 import trio
 
-from agent import Batch, Duration, MetricRegistry, Output, OutputConfig, Plugin, StartContext, hookimpl
-from agent_plugins.csv.format import TimestampFormatter, attribute_text
+from agent import (
+    Batch,
+    Duration,
+    MetricRegistry,
+    Output,
+    OutputConfig,
+    Plugin,
+    StartContext,
+    TimestampFormatter,
+    attribute_text,
+    hookimpl,
+)
 
 _NEEDS_QUOTES = re.compile(r'[\s="\\]|^$')
 

@@ -1,7 +1,7 @@
 """CSV text for the csv output: the header, field quoting, RFC 3339 timestamps and the rows of a batch.
 
-Pure code, no I/O: `plugin.py` hands the text to the file. The console output uses the timestamp
-formatter too.
+Pure code, no I/O: `plugin.py` hands the text to the file. Timestamps and attribute values are
+formatted by `agent.formatting`, as in the console output.
 
 Row layout (one point per row, fields quoted as in RFC 4180 with the configured separator):
 
@@ -14,10 +14,10 @@ later run, whatever attributes its points carry.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from agent.formatting import TimestampFormatter, attribute_text
 from agent.model import Batch
 
 COLUMNS = (
@@ -30,8 +30,6 @@ COLUMNS = (
     "consumer_id",
     "attributes",
 )
-
-_NS_PER_S = 1_000_000_000
 
 
 def header(separator: str) -> str:
@@ -55,59 +53,12 @@ def _escape_attribute_part(text: str) -> str:
     return text
 
 
-def attribute_text(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    return str(value)
-
-
 def format_attributes(attributes: Mapping[str, Any]) -> str:
     """`k=v,k2=v2` in the series' order (unquoted: the caller quotes the whole field)."""
     return ",".join(
         f"{_escape_attribute_part(str(k))}={_escape_attribute_part(attribute_text(v))}"
         for k, v in attributes.items()
     )
-
-
-class TimestampFormatter:
-    """Formats nanosecond timestamps as RFC 3339 UTC with nine fractional digits:
-    `2026-11-22T02:14:39.123456789Z`.
-
-    The points of a batch fall into few distinct seconds, so the date and time part is computed once
-    per second and cached; what is left per point is a divmod and a string concatenation.
-    """
-
-    __slots__ = ("_seconds",)
-
-    #: The cache is cleared beyond this many seconds, so a long run does not grow it forever.
-    MAX_CACHED_SECONDS = 4096
-
-    def __init__(self) -> None:
-        self._seconds: dict[int, str] = {}
-
-    def _second(self, seconds: int) -> str:
-        text = self._seconds.get(seconds)
-        if text is None:
-            if len(self._seconds) >= self.MAX_CACHED_SECONDS:
-                self._seconds.clear()
-            text = time.strftime("%Y-%m-%dT%H:%M:%S.", time.gmtime(seconds))
-            self._seconds[seconds] = text
-        return text
-
-    def format(self, timestamp_ns: int) -> str:
-        seconds, nanos = divmod(timestamp_ns, _NS_PER_S)
-        return f"{self._second(seconds)}{nanos:09d}Z"
-
-    def format_many(self, timestamps: Iterable[int]) -> list[str]:
-        cache = self._seconds
-        second = self._second
-        out = []
-        append = out.append
-        for ts in timestamps:
-            seconds, nanos = divmod(ts, _NS_PER_S)
-            prefix = cache.get(seconds) or second(seconds)
-            append(f"{prefix}{nanos:09d}Z")
-        return out
 
 
 def format_batches(batches: Iterable[Batch], separator: str, timestamps: TimestampFormatter) -> str:

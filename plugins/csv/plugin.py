@@ -17,8 +17,8 @@ from typing import BinaryIO
 
 import trio
 
-from agent import Batch, Duration, Output, OutputConfig, Plugin, StartContext, hookimpl
-from agent_plugins.csv.format import TimestampFormatter, format_batches, header
+from agent import Batch, Duration, Output, OutputConfig, Plugin, StartContext, TimestampFormatter, hookimpl
+from agent_plugins.csv.format import format_batches, header
 
 log = logging.getLogger(__name__)
 

@@ -15,12 +15,13 @@ import trio
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from agent import TimestampFormatter
 from agent.config import ConfigError, convert_section
 from agent.model import Batch, Consumer, MetricRegistry, Resource, Series
 from agent.pipeline import Pipeline
 from agent.plugin import StartContext
 from agent.testing import make_batch, make_series, output_element, run_output
-from agent_plugins.csv.format import TimestampFormatter, format_attributes, format_batches
+from agent_plugins.csv.format import format_attributes, format_batches
 from agent_plugins.csv.plugin import CsvConfig, CsvOutput, CsvPlugin
 
 HEADER = "metric;timestamp;value;resource_kind;resource_id;consumer_kind;consumer_id;attributes\n"
