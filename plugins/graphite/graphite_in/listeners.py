@@ -461,9 +461,7 @@ class GraphiteInput(AutonomousSource):
             for data, sender in datagrams:
                 alone = self._parse(data + b"\n", b"", tag_cache)
                 if alone.bad_samples:
-                    self._report_bad_samples(
-                        UDP, socket_address(sender), alone.bad_counts, alone.bad_samples
-                    )
+                    self._report_bad_samples(UDP, socket_address(sender), alone.bad_counts, alone.bad_samples)
         await self._send(counters, chunk.paths, chunk.timestamps, chunk.values, chunk.tagged)
 
     def _report_bad_samples(

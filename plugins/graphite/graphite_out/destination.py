@@ -3,8 +3,8 @@
 Where it sits: the output routes each batch and calls `Destination.offer` with each destination's share
 (a `Chunk`); `offer` never waits, so one slow or dead destination can never hold back the pipeline nor the
 other destinations. Each destination's own writer task (`Destination.run`) connects with
-`trio.open_tcp_stream`, reconnects with `agent.backoff.Backoff`, and writes plaintext lines or pickle
-frames.
+`trio.open_tcp_stream`, reconnects as `agent.Reconnector` says (backoff, outage lines), and writes
+plaintext lines or pickle frames.
 
 Where points wait, in order:
 
@@ -12,6 +12,12 @@ Where points wait, in order:
 2. the memory queue, bounded by `queue_max_points`.
 3. the spool (`agent.durable_log.DurableLog` under `<spool dir>/<route>_<host>_<port>[_<instance>]`),
    bounded by `spool_max_size` (when full, its oldest points are dropped and counted as `spool_full`).
+
+Disk I/O never runs on the trio thread (one slow disk must not stall every destination): points for the
+spool wait in `to_spool` (memory) until the destination's spool task appends them in a worker thread; the
+writer reads and commits spool records in worker threads too, and the spool task opens the spool and
+syncs it to disk every `SPOOL_SYNC_INTERVAL` seconds the same way. `to_spool` only holds what arrived
+while the spool task was busy (one append or sync): each append takes all of it.
 
 Points go to the spool when the destination is down (a connection attempt failed or the connection
 broke) or when its memory queue is full (it is slow, or a burst came in). The first point that goes to the
@@ -49,12 +55,13 @@ import logging
 import shutil
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any, Protocol
 
 import trio
 
-from agent import Backoff, DropCounter
+from agent import Backoff, ChangeNotifier, DropCounter, Reconnector
 from agent.decoding import MalformedData
 from agent.durable_log import DurableLog
 from agent_plugins.graphite.protocol.hashing import DestinationAddress
@@ -78,6 +85,8 @@ REPLAY_BURST_SECONDS = 1.0
 REPLAY_SLICE_SECONDS = 0.1
 #: How long a removed destination keeps trying to write what it holds in memory before spooling it.
 REMOVED_DRAIN_SECONDS = 30.0
+#: How often the spool's recent writes are synced to disk.
+SPOOL_SYNC_INTERVAL = 1.0
 
 DROP_REASONS = (
     "queue_full",
@@ -141,6 +150,8 @@ class DestinationOwner(Protocol):
 
 
 Connector = Callable[[str, int], Awaitable[trio.abc.Stream]]
+#: Runs a blocking call (fn, *args) and returns its result: `trio.to_thread.run_sync`.
+BlockingRunner = Callable[..., Awaitable[Any]]
 
 
 def spool_directory_name(route_key: str, address: DestinationAddress) -> str:
@@ -163,6 +174,7 @@ class Destination:
         owner: DestinationOwner,
         failover_after: float | None = None,
         connect: Connector | None = None,
+        run_blocking: BlockingRunner | None = None,
     ) -> None:
         self.route_key = route_key
         self.address = config.parsed_address
@@ -173,6 +185,8 @@ class Destination:
         self.owner = owner
         #: How to open a connection (host, port) -> stream; tests pass memory streams.
         self.connect: Connector = connect or trio.open_tcp_stream
+        #: How the spool's disk work runs: in a worker thread (tests under a MockClock run it inline).
+        self.run_blocking: BlockingRunner = run_blocking or trio.to_thread.run_sync
         self.spool_path = spool_root / spool_directory_name(route_key, self.address)
         self.codec = ChunkCodec()
         self.drops = DropCounter(self.name, log)
@@ -180,6 +194,15 @@ class Destination:
         self.queued_points = 0
         self.retry: list[Chunk] = []
         self.spool: DurableLog | None = None
+        #: Points for the spool that its task has not appended yet (oldest first), and their count.
+        self.to_spool: list[Chunk] = []
+        self.to_spool_points = 0
+        # Whether the spool task is appending (a worker thread holds chunks that left `to_spool`).
+        self._appending = False
+        # What the spool held after the last call (read by `stats` without touching the disk).
+        self._spool_records = 0
+        self._spool_bytes = 0
+        self._spool_changed = ChangeNotifier()
         # (seq, points) of spool records appended by this process and not yet read, to count spool_full
         # drops in points.
         self._spool_index: deque[tuple[int, int]] = deque()
@@ -205,6 +228,7 @@ class Destination:
         self._last_write = -float("inf")
         self._wakeup = trio.Event()
         self._exited = trio.Event()
+        self._reconnect = Reconnector(self.name, log, Backoff(0.1, 1.0))
 
     @property
     def key(self) -> tuple[str, str]:
@@ -226,34 +250,42 @@ class Destination:
             self.retired = False
         self._wake()
 
-    def open_spool(self, only_existing: bool = False) -> None:
-        """Opens the spool when spooling is on, or when an earlier run left points in it (they are replayed).
-        With `only_existing`, only a spool already on disk is opened (at start: a healthy destination
-        creates no files until it first needs its spool)."""
+    async def open_spool(self, only_existing: bool = False) -> None:
+        """Opens the spool (in a worker thread: it reads the segment files) when spooling is on, or when
+        an earlier run left points in it (they are replayed). With `only_existing`, only a spool already
+        on disk is opened (at start: a healthy destination creates no files until it first needs its
+        spool). Raises OSError."""
         if self.spool is not None:
             return
         exists = self.spool_path.exists()
         if not exists and (only_existing or not self.config.spool):
             return
-        self.spool = DurableLog(self.spool_path, max_bytes=int(self.config.spool_max_size), fsync="interval")
-        if self.spool.pending_records:
+        spool = await self.run_blocking(self._open_log)
+        self.spool = spool
+        self._spool_records, self._spool_bytes = spool.pending_records, spool.pending_bytes
+        if self._spool_records:
             log.info(
                 "%s: %d spooled records (%d bytes) from an earlier run will be replayed",
                 self.name,
-                self.spool.pending_records,
-                self.spool.pending_bytes,
+                self._spool_records,
+                self._spool_bytes,
             )
             self.spooling = True
             # We cannot know whether the destination is healthy: treat it as one that comes back.
             self.paced_replay = True
+            self._wake()
 
-    def close_spool(self) -> None:
-        if self.spool is not None:
+    def _open_log(self) -> DurableLog:
+        return DurableLog(self.spool_path, max_bytes=int(self.config.spool_max_size), fsync="interval")
+
+    async def close_spool(self) -> None:
+        spool = self.spool
+        if spool is not None:
+            self.spool = None
             try:
-                self.spool.close()
+                await self.run_blocking(spool.close)
             except OSError as error:
                 log.error("%s: closing the spool failed: %s", self.name, error)
-            self.spool = None
 
     # -- the producer side: called by the output, never waits --
 
@@ -262,22 +294,16 @@ class Destination:
         points = len(chunk)
         if not points:
             return
-        if self.spooling and self.spool is not None:
-            self._spool_append([chunk])
+        if self.spooling:
+            self._to_spool([chunk])
             if self.paced_replay and self.connected and self._pacer is not None:
                 self._pacer.credit(points)
             return
         full = self.queued_points + points > self.config.queue_max_points
         if (self.down or full) and self.config.spool:
-            try:
-                self.open_spool()
-            except OSError as error:
-                self.drops.add("spool_error", points, f"cannot open the spool: {error}")
-                return
-            if self.spool is not None:
-                self._start_spooling("down" if self.down else "queue full")
-                self._spool_append([chunk])
-                return
+            self._start_spooling("down" if self.down else "queue full")
+            self._to_spool([chunk])
+            return
         if full:
             self.drops.add(
                 "down_no_spool" if self.down else "queue_full",
@@ -300,22 +326,103 @@ class Destination:
             chunks = list(self.queue)
             self.queue.clear()
             self.queued_points = 0
-            self._spool_append(chunks)
+            self._to_spool(chunks)
         self._wake()
 
-    def _spool_append(self, chunks: list[Chunk]) -> None:
-        assert self.spool is not None
+    def _to_spool(self, chunks: list[Chunk]) -> None:
+        """Hands chunks to the spool task (it appends them in a worker thread)."""
         points = sum(len(chunk) for chunk in chunks)
-        try:
-            last = self.spool.append_many([self.codec.encode(chunk) for chunk in chunks])
-        except (OSError, ValueError) as error:
-            self.drops.add("spool_error", points, str(error))
-            return
-        first = last - len(chunks) + 1
-        self._spool_index.extend((first + i, len(chunk)) for i, chunk in enumerate(chunks))
+        self.to_spool.extend(chunks)
+        self.to_spool_points += points
         self.spooled += points
-        self._count_capped_records()
-        self._wake()
+        self._spool_changed.notify()
+
+    @property
+    def spool_settled(self) -> bool:
+        """Whether every point handed to the spool is on disk (or was dropped and counted)."""
+        return not self.to_spool and not self._appending
+
+    async def wait_spool_settled(self) -> None:
+        await self._spool_changed.wait_for(lambda: self.spool_settled)
+
+    async def _append_to_spool(self) -> None:
+        """Appends what waits in `to_spool`, opening the spool first if needed; failures drop and count.
+        The chunks leave `to_spool` only once appended (or dropped): cancelled before, they stay there
+        for `finish`."""
+        chunks = list(self.to_spool)
+        points = sum(len(chunk) for chunk in chunks)
+
+        def settle() -> None:
+            del self.to_spool[: len(chunks)]
+            self.to_spool_points -= points
+
+        self._appending = True
+        try:
+            try:
+                await self.open_spool()
+            except (OSError, RuntimeError) as error:
+                settle()
+                self._spool_failed(points, f"cannot open the spool: {error}")
+                return
+            if self.spool is None:  # the spool was switched off meanwhile
+                settle()
+                self._spool_failed(points, "the spool is off")
+                return
+            spool = self.spool
+            payloads = [self.codec.encode(chunk) for chunk in chunks]
+
+            def append() -> tuple[int, int, int]:
+                last = spool.append_many(payloads)
+                return last, spool.pending_records, spool.pending_bytes
+
+            try:
+                last, self._spool_records, self._spool_bytes = await self.run_blocking(append)
+            except (OSError, ValueError) as error:
+                settle()
+                self._spool_failed(points, str(error))
+                return
+            settle()
+            first = last - len(chunks) + 1
+            self._spool_index.extend((first + i, len(chunk)) for i, chunk in enumerate(chunks))
+            self._count_capped_records()
+        finally:
+            self._appending = False
+            self._spool_changed.notify()
+            self._wake()
+
+    def _spool_failed(self, points: int, why: str) -> None:
+        self.spooled -= points
+        self.drops.add("spool_error", points, why)
+        if self.spool is None and not self.to_spool:
+            # Nothing will reach the disk: new points use the memory queue again.
+            self.spooling = False
+            self.paced_replay = False
+
+    async def _spool_loop(self) -> None:
+        """The spool task: opens a spool left by an earlier run, appends what `offer` hands it, and syncs
+        the spool every SPOOL_SYNC_INTERVAL; all of the disk work in worker threads."""
+        try:
+            await self.open_spool(only_existing=True)
+        except (OSError, RuntimeError) as error:
+            log.error("%s: cannot open the spool: %s", self.name, error)
+        next_sync = trio.current_time() + SPOOL_SYNC_INTERVAL
+        while True:
+            with trio.move_on_at(next_sync):
+                await self._spool_changed.wait_for(lambda: bool(self.to_spool))
+            if self.to_spool:
+                await self._append_to_spool()
+            if trio.current_time() >= next_sync:
+                await self.sync_spool()
+                next_sync = trio.current_time() + SPOOL_SYNC_INTERVAL
+
+    async def sync_spool(self) -> None:
+        """Flushes the spool's recent writes to disk, in a worker thread."""
+        spool = self.spool
+        if spool is not None:
+            try:
+                await self.run_blocking(spool.sync)
+            except (OSError, ValueError) as error:
+                log.error("%s: spool sync failed: %s", self.name, error)
 
     def _count_capped_records(self) -> None:
         """Records the size cap dropped (the log moved its position past them) were never read: count them."""
@@ -353,29 +460,40 @@ class Destination:
     def stopping(self) -> bool:
         return self.draining or self.retired
 
-    def finish(self, reason: str) -> None:
-        """Last step: what is still in memory goes to the spool (or is dropped and counted), the spool closes."""
-        chunks = self.retry + list(self.queue)
+    async def finish(self, reason: str) -> None:
+        """Last step: what is still in memory goes to the spool (or is dropped and counted), the spool
+        closes. Disk work in worker threads."""
+        chunks = self.retry + list(self.queue) + self.to_spool
+        pending_for_spool = self.to_spool_points
         self.retry = []
         self.queue.clear()
         self.queued_points = 0
+        self.to_spool, self.to_spool_points = [], 0
+        self.spooled -= pending_for_spool  # counted again below, once on disk
         if chunks:
             points = sum(len(chunk) for chunk in chunks)
             if self.config.spool:
                 try:
-                    self.open_spool()
-                except OSError as error:
+                    await self.open_spool()
+                except (OSError, RuntimeError) as error:
                     log.error("%s: cannot open the spool: %s", self.name, error)
             if self.spool is not None and self.config.spool:
-                self._spool_append(chunks)
+                self._to_spool(chunks)
+                await self._append_to_spool()
                 log.info("%s: %d points not written yet were spooled (%s)", self.name, points, reason)
             else:
                 self.drops.add(reason, points, "not written and the spool is off")
-        empty = self.spool is not None and self.spool.pending_records == 0
-        self.close_spool()
+        empty = self.spool is not None and self._spool_records == 0
+        await self.close_spool()
         if reason == "removed" and empty:
             # Nothing left for a destination that is gone: do not leave its spool directory behind.
-            shutil.rmtree(self.spool_path, ignore_errors=True)
+            await self.run_blocking(partial(shutil.rmtree, self.spool_path, ignore_errors=True))
+        self.drops.flush()
+        self.finished = True
+
+    def discard(self) -> None:
+        """Finishes a destination whose writer never ran (removed while the output is not running): it
+        holds no points and has no spool open."""
         self.drops.flush()
         self.finished = True
 
@@ -385,47 +503,58 @@ class Destination:
     # -- the writer task --
 
     async def run(self) -> None:
-        """Connects, writes, reconnects; returns once drained (shutdown) or retired, or when cancelled."""
+        """Runs the writer and the spool task; returns once drained (shutdown) or retired, or when
+        cancelled."""
         self._exited = trio.Event()
-        backoff = Backoff(
-            min(0.1, float(self.config.reconnect_interval)), float(self.config.reconnect_interval)
-        )
-        retire_deadline: float | None = None
         try:
-            while True:
-                if self.retired and retire_deadline is None:
-                    retire_deadline = trio.current_time() + REMOVED_DRAIN_SECONDS
-                if not self.retired:
-                    retire_deadline = None
-                if self.stopping and self.memory_points == 0:
-                    return
-                if retire_deadline is not None and trio.current_time() >= retire_deadline:
-                    return
-                if self.failed_over:
-                    self._redistribute_everything()
-                stream = await self._connect()
-                if stream is None:
-                    self._mark_down()
-                    if self.draining:
-                        return
-                    delay = backoff.next_delay()
-                    with trio.move_on_after(delay):
-                        while not self.stopping:
-                            await self._wait_for_wakeup()
-                    continue
-                backoff.reset()
-                try:
-                    await self._session(stream)
-                finally:
-                    self.connected = False
-                    with trio.CancelScope(shield=True):
-                        await stream.aclose()
-                if self.stopping and self.memory_points == 0:
-                    return
-                self._mark_down()
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._spool_loop)
+                await self._write_until_done()
+                nursery.cancel_scope.cancel()
         finally:
             self.connected = False
             self._exited.set()
+
+    async def _write_until_done(self) -> None:
+        """Connects, writes, reconnects (the waits and outage logs of `agent.Reconnector`)."""
+        interval = float(self.config.reconnect_interval)
+        self._reconnect = Reconnector(
+            self.name, log, Backoff(min(0.1, interval), interval), summary=self._outage_summary
+        )
+        retire_deadline: float | None = None
+        while True:
+            if self.retired and retire_deadline is None:
+                retire_deadline = trio.current_time() + REMOVED_DRAIN_SECONDS
+            if not self.retired:
+                retire_deadline = None
+            if self.stopping and self.memory_points == 0:
+                return
+            if retire_deadline is not None and trio.current_time() >= retire_deadline:
+                return
+            if self.failed_over:
+                await self._redistribute_everything()
+            stream = await self._connect()
+            if stream is None:
+                delay = self._reconnect.failed(self.last_error)
+                await self._mark_down()
+                if self.draining:
+                    return
+                with trio.move_on_after(delay):
+                    while not self.stopping:
+                        await self._wait_for_wakeup()
+                continue
+            try:
+                await self._session(stream)
+            finally:
+                self.connected = False
+                with trio.CancelScope(shield=True):
+                    await stream.aclose()
+            if self.stopping and self.memory_points == 0:
+                return
+            await self._mark_down()
+
+    def _outage_summary(self) -> str:
+        return f"{self.memory_points} points in memory, {self._spool_records} records in the spool"
 
     async def _wait_for_wakeup(self) -> None:
         await self._wakeup.wait()
@@ -436,30 +565,25 @@ class Destination:
             with trio.fail_after(float(self.config.connect_timeout)):
                 stream = await self.connect(self.address.host, self.address.port)
         except (OSError, trio.TooSlowError) as error:
-            text = (
+            self.last_error = (
                 "connection timed out"
                 if isinstance(error, trio.TooSlowError)
-                else str(error) or type(error).__name__
+                else f"cannot connect: {str(error) or type(error).__name__}"
             )
-            if text != self.last_error or not self.down:
-                log.warning("%s: cannot connect: %s", self.name, text)
-            self.last_error = text
             return None
         self.connects += 1
         self.connected = True
         self.last_error = ""
-        was_down = self.down
         self.down = False
         self.down_since = None
         self._pacer = ReplayPacer(float(self.config.replay_rate), trio.current_time())
-        if was_down:
-            log.info("%s: connected again", self.name)
+        self._reconnect.connected()
         if self.failed_over:
             self.failed_over = False
             self.owner.destination_back(self)
         return stream
 
-    def _mark_down(self) -> None:
+    async def _mark_down(self) -> None:
         now = trio.current_time()
         if not self.down:
             self.down = True
@@ -468,12 +592,7 @@ class Destination:
                 # A spill being replayed at full speed is now the backlog of an outage.
                 self.paced_replay = True
             if self.config.spool and self.queue:
-                try:
-                    self.open_spool()
-                except OSError as error:
-                    log.error("%s: cannot open the spool: %s", self.name, error)
-                if self.spool is not None:
-                    self._start_spooling("down")
+                self._start_spooling("down")
         if (
             not self.failed_over
             and self.failover_after is not None
@@ -483,25 +602,36 @@ class Destination:
             and self.owner.destination_failed(self)
         ):
             self.failed_over = True
-            self._redistribute_everything()
+            await self._redistribute_everything()
 
-    def _redistribute_everything(self) -> None:
+    async def _redistribute_everything(self) -> None:
         """Hands every waiting point to the other destinations of the ring (this one left it)."""
         chunks = self.retry + list(self.queue)
         self.retry = []
         self.queue.clear()
         self.queued_points = 0
-        if self.spool is not None:
-            while self.spool.pending_records:
-                records = self.spool.read(self.spool.committed_seq, SPOOL_READ_RECORDS, SPOOL_READ_BYTES)
-                if not records:
-                    break
-                for _, payload in records:
-                    chunk = self._decode(payload)
-                    if chunk is not None:
-                        chunks.append(chunk)
-                self.spool.commit(records[-1][0])
+        if self.spooling:
+            # What the spool task holds goes to disk first: then the disk has all of it, oldest first.
+            await self.wait_spool_settled()
+        spool = self.spool
+        if spool is not None:
+
+            def read_everything() -> tuple[list[tuple[int, bytes]], int, int]:
+                records: list[tuple[int, bytes]] = []
+                while some := spool.read(max(spool.committed_seq, records[-1][0] if records else 0)):
+                    records.extend(some)
+                if records:
+                    spool.commit(records[-1][0])
+                return records, spool.pending_records, spool.pending_bytes
+
+            records, self._spool_records, self._spool_bytes = await self.run_blocking(read_everything)
+            if records:
                 self._drop_index_through(records[-1][0])
+            for _, payload in records:
+                chunk = self._decode(payload)
+                if chunk is not None:
+                    chunks.append(chunk)
+        if self.spool_settled:
             self.spooling = False
             self.paced_replay = False
         if chunks:
@@ -575,8 +705,11 @@ class Destination:
                 continue
             if self.stopping:
                 return
-            if self.spooling and self.spool is not None:
-                if await self._replay_some(stream):
+            if self.spooling:
+                if self.spool is not None and await self._replay_some(stream):
+                    continue
+                if not self.spool_settled:
+                    await self._wait_for_wakeup()  # the spool task wakes the writer once it appended
                     continue
                 self.spooling = False
                 self.paced_replay = False
@@ -604,8 +737,11 @@ class Destination:
         written; if the connection breaks in the middle of one, all of it is sent again on the next
         connection (duplicates, which Graphite ignores, rather than a gap).
         """
-        assert self.spool is not None
-        records = self.spool.read(self.spool.committed_seq, SPOOL_READ_RECORDS, SPOOL_READ_BYTES)
+        spool = self.spool
+        assert spool is not None
+        records = await self.run_blocking(
+            spool.read, spool.committed_seq, SPOOL_READ_RECORDS, SPOOL_READ_BYTES
+        )
         if not records:
             return False
         slice_points = max(1, int(float(self.config.replay_rate) * REPLAY_SLICE_SECONDS))
@@ -619,10 +755,14 @@ class Destination:
                 self.replayed += sum(len(part) for part in pending)
                 pending = []
             if complete_seq is not None:
-                assert self.spool is not None
-                self.spool.commit(complete_seq)
-                self._drop_index_through(complete_seq)
-                complete_seq = None
+                seq, complete_seq = complete_seq, None
+
+                def commit() -> tuple[int, int]:
+                    spool.commit(seq)
+                    return spool.pending_records, spool.pending_bytes
+
+                self._spool_records, self._spool_bytes = await self.run_blocking(commit)
+                self._drop_index_through(seq)
 
         pacer = self._pacer if self.paced_replay else None
         for seq, payload in records:
@@ -712,8 +852,8 @@ class Destination:
             "queue_max_points": self.config.queue_max_points,
             "spool": self.config.spool,
             "replay_paced": self.paced_replay,
-            "spool_records": spool.pending_records if spool is not None else 0,
-            "spool_bytes": spool.pending_bytes if spool is not None else 0,
+            "spool_records": self._spool_records if spool is not None else 0,
+            "spool_bytes": self._spool_bytes if spool is not None else 0,
             "spool_max_bytes": int(self.config.spool_max_size),
             "connects": self.connects,
             "write_errors": self.write_errors,

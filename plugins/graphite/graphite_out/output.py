@@ -51,9 +51,6 @@ from .render import Chunk, PathTemplate, take, to_seconds
 
 log = logging.getLogger(__name__)
 
-#: How often the spools' recent writes are synced to disk.
-SPOOL_SYNC_INTERVAL = 1.0
-
 
 class LiveSettings(msgspec.Struct, kw_only=True):
     """What the admin API can change at runtime; `GraphiteOutput.settings` is the one in force."""
@@ -188,7 +185,6 @@ class GraphiteOutput(Output):
                     self.destinations[key] = destination
                     self.registered.setdefault(address, time.time())
                     if self._running:
-                        self._open_spool(destination)
                         self._start_writer(destination)
                 destinations.append(destination)
             route_destinations[route.key] = destinations
@@ -203,7 +199,7 @@ class GraphiteOutput(Output):
                 log.info("%s: removed from the routing table", destination.name)
                 destination.retire()
                 if not self._running:
-                    destination.finish("removed")
+                    destination.discard()
                     del self.destinations[key]
         return RoutingState(
             settings=settings,
@@ -333,13 +329,6 @@ class GraphiteOutput(Output):
 
     # -- running --
 
-    def _open_spool(self, destination: Destination) -> None:
-        """Opens a spool left on disk by an earlier run, so that it is replayed."""
-        try:
-            destination.open_spool(only_existing=True)
-        except OSError as error:
-            log.error("%s: cannot open the spool: %s", destination.name, error)
-
     def _start_writer(self, destination: Destination) -> None:
         assert self._writers is not None
         self._writers.start_soon(self._run_writer, destination, name=destination.name)
@@ -348,7 +337,7 @@ class GraphiteOutput(Output):
         # A bug or a disk error in one destination must not take the others down: it restarts alone.
         await supervise(f"{destination.name}: writer", destination.run, logger=log)
         if destination.retired and not destination.finished:
-            destination.finish("removed")
+            await destination.finish("removed")
             if self.destinations.get(destination.key) is destination:
                 del self.destinations[destination.key]
 
@@ -357,8 +346,6 @@ class GraphiteOutput(Output):
             # A previous run ended (the core restarts a crashed output): start over with fresh destinations.
             self.destinations = {k: d for k, d in self.destinations.items() if not d.finished}
             self.state = self._install(self.state.settings, self._check(self.state.settings))
-        for destination in self.destinations.values():
-            self._open_spool(destination)
         try:
             async with trio.open_nursery() as timers:
                 async with trio.open_nursery() as writers:
@@ -367,7 +354,6 @@ class GraphiteOutput(Output):
                     for destination in list(self.destinations.values()):
                         self._start_writer(destination)
                     timers.start_soon(self._aggregation_loop)
-                    timers.start_soon(self._spool_sync_loop)
                     task_status.started()
                     await self._route_loop(inbox)
                     self.flush_aggregators(math.inf)
@@ -380,7 +366,7 @@ class GraphiteOutput(Output):
             with trio.CancelScope(shield=True):
                 for key, destination in list(self.destinations.items()):
                     if not destination.finished:
-                        destination.finish("removed" if destination.retired else "shutdown")
+                        await destination.finish("removed" if destination.retired else "shutdown")
                     if destination.retired:
                         del self.destinations[key]
                 for counter in self.route_drops.values():
@@ -425,16 +411,6 @@ class GraphiteOutput(Output):
             await trio.sleep(self.aggregation_tick)
             if self.state.aggregators:
                 self.flush_aggregators(self.wall_clock())
-
-    async def _spool_sync_loop(self) -> None:
-        while True:
-            await trio.sleep(SPOOL_SYNC_INTERVAL)
-            for destination in list(self.destinations.values()):
-                if destination.spool is not None:
-                    try:
-                        destination.spool.sync()
-                    except (OSError, ValueError) as error:
-                        log.error("%s: spool sync failed: %s", destination.name, error)
 
     # -- what the admin API shows --
 

@@ -4,6 +4,7 @@ receiver on 127.0.0.1 that keeps what it gets, and a GraphiteOutput running in a
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,8 @@ class FakeCarbon:
     def __init__(self, pickle: bool = False) -> None:
         self.pickle = pickle
         self.points: list[tuple[str, float, int]] = []
+        #: When each point arrived (time.monotonic()), parallel to `points`.
+        self.arrivals: list[float] = []
         self.connections = 0
         #: Connections that ended (the sender closed or broke them, or `stop`).
         self.closed = 0
@@ -92,6 +95,7 @@ class FakeCarbon:
                 if not data:
                     return
                 buffer += data
+                received = len(self.points)
                 if self.pickle:
                     frames, buffer = split_frames(buffer)
                     for frame in frames:
@@ -105,6 +109,7 @@ class FakeCarbon:
                     for line in lines:
                         path, value, timestamp = line.decode().split(" ")
                         self.points.append((path, float(value), int(timestamp)))
+                self.arrivals.extend([time.monotonic()] * (len(self.points) - received))
                 self._changed.set()
                 self._changed = trio.Event()
 

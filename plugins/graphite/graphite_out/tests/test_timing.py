@@ -69,6 +69,12 @@ class Network:
             self.lines.extend((trio.current_time(), line) for line in lines)
 
 
+async def inline(fn, *args):
+    """Runs the spool's disk work on the trio thread: under the MockClock, a wait for a worker thread
+    would let the clock jump ahead meanwhile."""
+    return fn(*args)
+
+
 def chunk(start: int, count: int) -> Chunk:
     return Chunk([f"p.{i}" for i in range(start, start + count)], [1_700_000_000] * count, [1.0] * count)
 
@@ -77,7 +83,16 @@ def destination(
     tmp_path, owner: Owner, network: Network, failover_after: float | None = None, **options
 ) -> Destination:
     config = DestinationConfig(address="10.0.0.1:2003", reconnect_interval=10.0, **options)
-    return Destination("r", config, "plaintext", tmp_path, owner, failover_after, connect=network.connect)
+    return Destination(
+        "r",
+        config,
+        "plaintext",
+        tmp_path,
+        owner,
+        failover_after,
+        connect=network.connect,
+        run_blocking=inline,
+    )
 
 
 async def test_reconnect_backs_off_to_reconnect_interval_and_fails_over_after_failover_after(
@@ -249,10 +264,10 @@ async def test_a_spool_left_by_an_earlier_run_is_replayed_paced(tmp_path, autoju
             for n in range(5):
                 before.offer(chunk(n * 1000, 1000))
             first_run.cancel_scope.cancel()
-        before.finish("shutdown")
+        await before.finish("shutdown")
         network.up = True
         after = destination(tmp_path, Owner(), network, replay_rate=1000.0)
-        after.open_spool(only_existing=True)
+        await after.open_spool(only_existing=True)
         assert after.spooling and after.paced_replay
         started = trio.current_time()
         nursery.start_soon(after.run)
@@ -272,6 +287,7 @@ async def test_a_full_spool_drops_its_oldest_points_and_counts_them(tmp_path, au
             await trio.sleep(0.001)
         for n in range(20):  # about 400 KB of spool records while down
             dest.offer(chunk(n * 1000, 1000))
+        await dest.wait_spool_settled()  # on disk (the spool task appends in a worker thread)
         assert dest.stats()["spool_bytes"] <= 64 * 1024
         dropped = dest.drops.by_reason["spool_full"]
         assert dropped > 0 and dropped % 1000 == 0 and dest.drops.total == dropped
