@@ -9,15 +9,8 @@ import time
 import trio
 
 from agent import durable_log
-from agent_plugins.graphite.graphite_out.testing import (
-    FakeCarbon,
-    fast_destination,
-    graphite_batch,
-    new_output,
-    running_output,
-    send,
-    wait_until,
-)
+from agent_plugins.graphite.graphite_out import testing as graphite_testing
+from agent_plugins.graphite.graphite_out.testing import FakeCarbon, fast_destination, graphite_batch
 
 SLOW_SYNC_SECONDS = 0.2
 
@@ -39,7 +32,7 @@ async def test_a_slow_spool_sync_does_not_delay_another_destinations_points(tmp_
             await healthy.start(nursery)
             await gone.start(nursery)
             await gone.stop()  # its port now refuses: that destination spools everything
-            output = new_output(
+            output = graphite_testing.new_output(
                 tmp_path,
                 {
                     "routes": [
@@ -57,15 +50,15 @@ async def test_a_slow_spool_sync_does_not_delay_another_destinations_points(tmp_
                 },
             )
             (down,) = output.state.route_destinations["down"]
-            async with running_output(output) as pipeline:
-                await wait_until(lambda: down.down)
+            async with graphite_testing.running_output(output) as pipeline:
+                await graphite_testing.wait_until(lambda: down.down)
                 delays: list[float] = []
                 sent = 0
                 # Every point goes to both routes; the down one's spool takes each of them, and syncs
                 # them (200 ms each time) once a second.
                 while len(syncs) < 3:
                     sent_at = time.monotonic()
-                    await send(pipeline, graphite_batch([f"p.{sent}"]))
+                    await graphite_testing.send(pipeline, graphite_batch([f"p.{sent}"]))
                     sent += 1
                     await healthy.wait_for(sent)
                     delays.append(healthy.arrivals[sent - 1] - sent_at)
