@@ -300,6 +300,9 @@ async def test_aggregator_output_is_routed_and_late_points_counted(tmp_path):
     with trio.fail_after(10):
         async with trio.open_nursery() as nursery:
             (sink,) = await start_sinks(nursery, 1)
+            # The aggregators' clock stays before the points' buckets until they are in: a tick in between
+            # would close the buckets (wait = 0s) and make every point late.
+            wall_clock = [1_699_999_000.0]
             output = new_output(
                 tmp_path,
                 {
@@ -322,11 +325,13 @@ async def test_aggregator_output_is_routed_and_late_points_counted(tmp_path):
                     ],
                 },
                 aggregation_tick=0.01,
+                wall_clock=lambda: wall_clock[0],
             )
             paths = ["servers.web1.cpu.core0.load"] * 20 + ["other.metric"]
             async with running_output(output) as pipeline:
                 # Timestamps 1_700_000_000 .. +20 s: buckets ...000 and ...010 (10 points each) and ...020.
                 assert await send(pipeline, graphite_batch(paths))
+                wall_clock[0] = 1_700_000_030.0  # every bucket is over: the next tick emits them
                 await sink.wait_for(3)
                 # The buckets were flushed (their time is long past): a point for one of them is late.
                 assert await send(pipeline, graphite_batch(["servers.web2.cpu.core1.load"]))
