@@ -153,7 +153,9 @@ async def test_matching_processes_get_cpu_and_memory_per_pid(marked_processes) -
     # The busy process spins (a full core on an idle machine; a share of one on a loaded one), the
     # idle one sleeps: polls a few tenths of a second apart tell them apart whatever else runs.
     cpu = await wait_for_async(cpu_shares, 20, "the busy process's CPU share", every=0.3)
-    assert cpu[str(idle.pid)] < 5.0
+    # A sleeping process still shows a few percent while the machine is loaded (seen at 6 %): it is
+    # told from the busy one by comparison, not by a fixed floor.
+    assert cpu[str(idle.pid)] < cpu[str(busy.pid)] / 2
 
     busy.kill()
     busy.wait()
