@@ -351,7 +351,9 @@ async def _run_watch(agent: Agent, pid: int, pidfd: int | None, observer: Summar
         energy_plugins="energy-attribution" in agent.started_names,
     )
     if "procfs" not in agent.started_names:
-        log.warning("watch: procfs is not enabled, so the CPU time and memory of the process are not measured")
+        log.warning(
+            "watch: procfs is not enabled, so the CPU time and memory of the process are not measured"
+        )
     typer.echo(format_summary(f"agent watch: process {pid} measured while it ran", summary), err=True)
     return 0
 
@@ -630,7 +632,7 @@ def control_set_period(
 
 @control_app.command("flush")
 def control_flush(ctx: typer.Context, config: ConfigOption = None) -> None:
-    """Every polled source sends the points it holds now."""
+    """Polled sources send the points they hold, outputs write them without waiting for their flush interval."""
     _request(_client(ctx, config), "flush")
     typer.echo("flushed")
 

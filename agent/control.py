@@ -263,9 +263,9 @@ class Controller:
         log.info("control: %s %s%s", action, name, f" {args}" if args else "")
         return self.describe(element)
 
-    def flush(self) -> None:
+    async def flush(self) -> None:
         log.info("control: flush")
-        self.pipeline.flush_sources()
+        await self.pipeline.flush()
 
     def stop(self) -> None:
         log.info("control: stop requested: stopping sources and writing what is buffered")
@@ -288,7 +288,7 @@ class Controller:
         except ValueError as exc:
             raise ControlError("bad-request", f"{section} {command}: {exc}") from None
 
-    def handle(self, request: Any) -> dict[str, Any]:
+    async def handle(self, request: Any) -> dict[str, Any]:
         """One request (a decoded JSON object) to one answer: {"ok": true, ...} or {"ok": false,
         "error": "...", "code": "...", "known": [...]}."""
         try:
@@ -308,7 +308,7 @@ class Controller:
                     raise ControlError("bad-request", '"args" is a JSON object')
                 result = {"element": self.act(name, action, args)}
             elif action == "flush":
-                self.flush()
+                await self.flush()
                 result = {}
             elif action == "stop":
                 self.stop()
@@ -512,7 +512,7 @@ async def _serve_connection(controller: Controller, stream: trio.SocketStream) -
         if isinstance(request, dict) and request.get("action") == "tap":
             await _stream_tap(controller, stream, request)
             return
-        await stream.send_all(_line(controller.handle(request)))
+        await stream.send_all(_line(await controller.handle(request)))
 
 
 async def _stream_tap(controller: Controller, stream: trio.SocketStream, request: dict[str, Any]) -> None:

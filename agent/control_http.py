@@ -61,7 +61,7 @@ class HttpControl:
             return True
         return hmac.compare_digest(query.get("token", [""])[0].encode(), self.token.encode())
 
-    def respond(
+    async def respond(
         self, method: str, target: str, headers: dict[bytes, bytes], body: bytes
     ) -> tuple[int, str, bytes]:
         """(status, content type, body) for one request."""
@@ -109,7 +109,7 @@ class HttpControl:
             }
         else:
             return _json(404, {"ok": False, "error": f"no such resource: {path}"})
-        answer = c.handle(request)
+        answer = await c.handle(request)
         if answer["ok"]:
             return _json(200, answer)
         return _json(STATUS_BY_CODE.get(answer.get("code", ""), 400), answer)
@@ -147,7 +147,7 @@ class HttpControl:
                 if too_large:
                     status, ctype, payload = _json(413, {"ok": False, "error": "body too large"})
                 else:
-                    status, ctype, payload = self.respond(
+                    status, ctype, payload = await self.respond(
                         method, request.target.decode("ascii", "replace"), headers, bytes(body)
                     )
                 response_headers = [

@@ -100,6 +100,8 @@ class OutputInbox:
         self._taken: dict[int, Envelope] = {}
         self._taken_points = 0
         self._closed = False
+        # Set by `flush`: the next `receive_batch` returns without gathering for its `wait`.
+        self._flush_now = False
         self._drop_log = RateLimitedLog(log)
         self._changed = ChangeNotifier()
 
@@ -125,6 +127,12 @@ class OutputInbox:
         self._queued_points += envelope.points
         self._notify()
 
+    def flush(self) -> None:
+        """The output gets what is queued now (or the next batch that arrives), without waiting for the
+        rest of its flush interval (`agent control flush`)."""
+        self._flush_now = True
+        self._notify()
+
     def refuse(self, envelope: Envelope, reason: str) -> None:
         """Counts the envelope as received and dropped without queueing it (a disabled output)."""
         self.counters.received += envelope.points
@@ -146,10 +154,11 @@ class OutputInbox:
             if self._closed:
                 return []
             await self._wait_change()
-        if wait > 0 and not self._closed and self._queued_points < max_points:
+        if wait > 0 and not self._closed and not self._flush_now and self._queued_points < max_points:
             with trio.move_on_after(wait):
-                while not self._closed and self._queued_points < max_points:
+                while not self._closed and not self._flush_now and self._queued_points < max_points:
                     await self._wait_change()
+        self._flush_now = False
         return self.receive_nowait(max_points)
 
     def receive_nowait(self, max_points: int = 100_000) -> list[Envelope]:

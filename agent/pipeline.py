@@ -176,6 +176,20 @@ class Pipeline:
             state.flush_now = True
             state.changed.notify()
 
+    async def flush(self, timeout: float = 5.0) -> None:
+        """Every polled source sends what it holds, then every output writes what is queued without
+        waiting for its flush interval. Waits (up to `timeout`) for the sources' points to reach the
+        outputs' queues first, so that they are part of the flush."""
+        self.flush_sources()
+        with trio.move_on_after(timeout):
+            while (
+                any(state.flush_now for state in self.sources.values())
+                or self._receive_channel.statistics().current_buffer_used
+            ) and not self._stop_sources.is_set():
+                await trio.sleep(0.005)
+        for inbox in self.inboxes.values():
+            inbox.flush()
+
     def set_transform_enabled(self, name: str, enabled: bool) -> None:
         """A disabled transform is skipped: batches go on unchanged."""
         self.transform_states[name].enabled = enabled

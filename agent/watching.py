@@ -158,7 +158,9 @@ def format_summary(title: str, s: Summary) -> str:
         )
         lines.append(f"  energy       {observer.energy:.3f} J ({how})")
     elif s.energy_plugins:
-        lines.append("  energy       0.000 J (no interval of the machine's energy was attributed during the run)")
+        lines.append(
+            "  energy       0.000 J (no interval of the machine's energy was attributed during the run)"
+        )
     else:
         lines.append(
             "  energy       not measured (enable procfs, energy-attribution and rapl or"

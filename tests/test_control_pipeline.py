@@ -66,14 +66,30 @@ async def test_the_tap_drops_what_does_not_fit_and_filters_by_glob() -> None:
         assert pipeline.taps == []
 
 
+async def test_flush_hands_what_the_outputs_gather_to_them_at_once() -> None:
+    """An output that gathers for an hour writes at once on `flush`."""
+    out = CollectingOutput()
+    out.flush_interval = 3600.0
+    async with running_pipeline([], outputs=[out]) as pipeline:
+        controller = Controller(pipeline, stop=pipeline.stop)
+        await pipeline.sink().send(batch(5.0))
+        with trio.move_on_after(0.2):
+            await out.wait_for_points(1)
+        assert out.values("m") == []  # still gathering
+        assert (await controller.handle({"action": "flush"}))["ok"]
+        with trio.fail_after(5):
+            await out.wait_for_points(1)
+        assert out.values("m") == [5.0]
+
+
 async def test_unknown_elements_and_wrong_kinds_are_refused_with_the_known_names() -> None:
     async with running_pipeline([], outputs=[CollectingOutput()]) as pipeline:
         controller = Controller(pipeline, stop=pipeline.stop)
-        answer = controller.handle({"action": "pause", "element": "nope"})
+        answer = await controller.handle({"action": "pause", "element": "nope"})
         assert (
             answer["ok"] is False and answer["code"] == "unknown-element" and answer["known"] == ["output-0"]
         )
-        answer = controller.handle({"action": "pause", "element": "output-0"})
+        answer = await controller.handle({"action": "pause", "element": "output-0"})
         assert answer["ok"] is False and answer["code"] == "unsupported"
-        assert controller.handle({"action": "what"})["code"] == "bad-request"
-        assert controller.handle([1, 2])["code"] == "bad-request"
+        assert (await controller.handle({"action": "what"}))["code"] == "bad-request"
+        assert (await controller.handle([1, 2]))["code"] == "bad-request"
