@@ -80,10 +80,30 @@ class Series(msgspec.Struct, array_like=True):
         return metric
 
 
+class BatchIdentity(msgspec.Struct, frozen=True, array_like=True):
+    """Who sent a batch, and which one it is, so that an output can tell a resent batch from a new one.
+
+    The source that can resend a batch sets it: the relay server uses (client name, stream id, sequence
+    number), a subscription input would use (stream name, consumer, stream sequence). Two batches with
+    the same identity hold the same points. Outputs that can deduplicate (postgres) record it in the
+    same transaction as the points; the others ignore it.
+    """
+
+    origin: str
+    stream: str
+    seq: int
+
+    def __str__(self) -> str:
+        return f"{self.origin}/{self.stream}#{self.seq}"
+
+
 class Batch(msgspec.Struct):
-    """The unit of work of the pipeline: a list of series."""
+    """The unit of work of the pipeline: a list of series, and the batch's identity if its source gave
+    it one (the dispatcher carries it over when a transform returns a new batch)."""
 
     series: list[Series] = msgspec.field(default_factory=list)
+    # Last, with a default: encoded batches from before it still decode.
+    identity: BatchIdentity | None = None
 
     def __len__(self) -> int:
         """The number of points (not of series)."""

@@ -529,6 +529,9 @@ class Pipeline:
             if result is None:
                 batch = Batch()
                 break
+            if result is not batch and result.identity is None:
+                # The identity names the source's batch, whatever a transform made of it.
+                result.identity = batch.identity
             batch = result
         points = len(batch)
         if self.taps and points:
@@ -568,7 +571,7 @@ class Pipeline:
             bad,
             next(s.metric for s in batch.series if not _well_formed(s)),
         )
-        return Batch(good)
+        return Batch(good, batch.identity)
 
     async def _self_metrics_loop(self) -> None:
         while True:

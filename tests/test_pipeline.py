@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from functools import partial
 
+import msgspec
 import trio
 import trio.testing
 
-from agent.model import LOCAL_MACHINE, LOCAL_MACHINE_CONSUMER, Batch
+from agent.model import LOCAL_MACHINE, LOCAL_MACHINE_CONSUMER, Batch, BatchIdentity
 from agent.pipeline import Pipeline
 from agent.plugin import (
     AutonomousSource,
@@ -192,6 +193,31 @@ async def test_transforms_run_in_order_and_can_drop(autojump_clock: trio.testing
     assert out.values() == [11, 21]
     assert acks == [True]  # dropped on purpose by a transform: nothing left to write, so it is done
     assert pipeline.transform_errors == 2
+
+
+async def test_a_batch_identity_survives_transforms_that_return_a_new_batch(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    class Rebuild(Transform):
+        def apply(self, batch: Batch) -> Batch | None:
+            return Batch(list(batch.series))
+
+    out = CollectingOutput()
+    identity = BatchIdentity("node-1", "stream-a", 7)
+    async with running_pipeline([transform_element(Rebuild(), "rebuild")], [out]) as pipeline:
+        batch = make_batch(make_series(values=[1.0]))
+        batch.identity = identity
+        await pipeline.sink().send(batch)
+        await pipeline.sink().send(make_batch(make_series(values=[2.0])))
+        await out.wait_for_points(2)
+    assert [b.identity for b in out.batches] == [identity, None]
+
+
+def test_a_batch_encoded_before_identities_existed_still_decodes() -> None:
+    old = msgspec.msgpack.encode({"series": []})
+    assert msgspec.msgpack.decode(old, type=Batch) == Batch([], None)
+    with_identity = Batch([], BatchIdentity("node-1", "s", 3))
+    assert msgspec.msgpack.decode(msgspec.msgpack.encode(with_identity), type=Batch) == with_identity
 
 
 async def test_a_crashing_output_restarts_and_loses_nothing(autojump_clock: trio.testing.MockClock) -> None:

@@ -29,7 +29,7 @@ import trio
 
 from agent import RateLimitedLog, describe_exception
 from agent import __version__ as AGENT_VERSION
-from agent.model import MetricConflictError, MetricDef, MetricRegistry
+from agent.model import BatchIdentity, MetricConflictError, MetricDef, MetricRegistry
 from agent.net import socket_address
 from agent.plugin import AutonomousSource, SourceSink
 from agent_plugins.relay.protocol import (
@@ -656,6 +656,8 @@ class _Connection:
             self.wake()
             return
         name = self.client_name
+        # Outputs that deduplicate (postgres) recognise a batch resent after a lost ack or a restart by it.
+        batch.identity = BatchIdentity(name, state.stream_id, seq)
         points = 0
         for series in batch.series:
             # The first relay hop's name is kept: through a tier (nodes -> rack -> central) the

@@ -16,7 +16,7 @@ import trio.testing
 
 from agent import StartupError
 from agent.config import ConfigError, convert_section
-from agent.model import LOCAL_MACHINE, LOCAL_MACHINE_CONSUMER, MetricDef, MetricRegistry
+from agent.model import LOCAL_MACHINE, LOCAL_MACHINE_CONSUMER, BatchIdentity, MetricDef, MetricRegistry
 from agent.pipeline import Pipeline
 from agent.plugin import StartContext
 from agent.testing import CollectingOutput, output_element, partial_run, source_element
@@ -121,6 +121,11 @@ async def test_points_arrive_with_the_client_name_and_are_acknowledged() -> None
                 {"relay_client": "node-1"},
             ]
             assert server.registry.get("cpu_percent") == CPU
+            # Outputs that deduplicate recognise a resent batch by (client name, stream id, seq).
+            assert [b.identity for b in output.batches] == [
+                BatchIdentity("node-1", "stream-1", 1),
+                BatchIdentity("node-1", "stream-1", 2),
+            ]
             await client.stream.aclose()
             pipeline.stop()
 
