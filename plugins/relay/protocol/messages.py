@@ -23,7 +23,8 @@ from typing import Annotated
 
 import msgspec
 
-from agent.model import AttributeValue, Batch, Consumer, MetricDef, Resource, Series, Value
+from agent.batch_codec import WireSeries
+from agent.model import Batch, MetricDef, Series
 
 #: The protocol version this code speaks. A server accepts a Hello whose version it supports and
 #: answers with the version the session will use; otherwise it sends Reject with its own version.
@@ -121,19 +122,6 @@ class MetricDefs(Message, tag="defs"):
     batch that uses them. The description is kept (Alumet drops it)."""
 
     definitions: dict[NonNegativeInt, MetricDef]
-
-
-class WireSeries(msgspec.Struct, array_like=True):
-    """One series of a BatchMessage: `agent.model.Series` with the metric name replaced by the client
-    metric id. Where every point has its own name (Graphite paths), `metric` is the list of names,
-    parallel to `timestamps`, as in the model."""
-
-    metric: NonNegativeInt | list[str]
-    resource: Resource
-    consumer: Consumer
-    attributes: dict[str, AttributeValue]
-    timestamps: list[int]
-    values: list[Value]
 
 
 class BatchMessage(Message, tag="batch"):
