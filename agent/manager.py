@@ -40,6 +40,8 @@ BUILTIN_PLUGIN_MODULES: tuple[str, ...] = (
     "agent_plugins.measure.energy_to_carbon.plugin",
     "agent_plugins.relay.relay_client.plugin",
     "agent_plugins.relay.relay_server.plugin",
+    "agent_plugins.relay.nats_out.plugin",
+    "agent_plugins.relay.nats_in.plugin",
     "agent_plugins.graphite.graphite_in.plugin",
     "agent_plugins.graphite.graphite_out.plugin",
     "agent_plugins.graphite.amqp_in.plugin",

@@ -1,0 +1,1 @@
+"""The `nats-out` output plugin: publishes batches to a NATS JetStream stream."""
