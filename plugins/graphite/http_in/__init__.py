@@ -1,0 +1,1 @@
+"""The `http-in` source plugin: relay batches, JSON points and Graphite lines over HTTP."""
