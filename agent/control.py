@@ -37,6 +37,7 @@ import trio
 
 from agent.decoding import MalformedData, decode_untrusted
 from agent.errors import StartupError, describe_exception
+from agent.formatting import TimestampFormatter
 from agent.pipeline import Pipeline, Tap
 from agent.plugin import ControlSection, PolledSource
 from agent.units import Duration, decode_config_value
@@ -374,10 +375,8 @@ _encoder = msgspec.json.Encoder()
 _decoder = msgspec.json.Decoder()
 
 
-def rfc3339(timestamp_ns: int) -> str:
-    """2026-01-31T12:00:00.123456789Z, as the CSV output writes timestamps."""
-    seconds, nanos = divmod(timestamp_ns, 1_000_000_000)
-    return time.strftime("%Y-%m-%dT%H:%M:%S.", time.gmtime(seconds)) + f"{nanos:09d}Z"
+#: The tap's timestamps: RFC 3339, UTC, nanoseconds, as the CSV output writes them.
+_timestamps = TimestampFormatter()
 
 
 def tap_record(series: Any, index: int) -> dict[str, Any]:
@@ -385,7 +384,7 @@ def tap_record(series: Any, index: int) -> dict[str, Any]:
     metric = series.metric if isinstance(series.metric, str) else series.metric[index]
     record: dict[str, Any] = {
         "metric": metric,
-        "timestamp": rfc3339(series.timestamps[index]),
+        "timestamp": _timestamps.format(series.timestamps[index]),
         "value": series.values[index],
         "resource": str(getattr(series.resource, "kind", series.resource)),
     }
