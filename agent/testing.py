@@ -450,14 +450,26 @@ class AgentProcess:
 
     # -- waiting, signals, stopping --
 
-    def wait_for(self, predicate: Callable[[], T], timeout: float = 10.0, what: str = "the condition") -> T:
+    def wait_for(
+        self,
+        predicate: Callable[[], T],
+        timeout: float = 10.0,
+        what: str = "the condition",
+        *,
+        every: float = POLL_INTERVAL,
+    ) -> T:
         """`wait_for` that fails at once, with the agent's log, if the agent exits meanwhile."""
-        return wait_for(predicate, timeout, what, watch=[self])
+        return wait_for(predicate, timeout, what, watch=[self], every=every)
 
     async def wait_for_async(
-        self, predicate: Callable[[], T], timeout: float = 10.0, what: str = "the condition"
+        self,
+        predicate: Callable[[], T | Awaitable[T]],
+        timeout: float = 10.0,
+        what: str = "the condition",
+        *,
+        every: float = POLL_INTERVAL,
     ) -> T:
-        return await wait_for_async(predicate, timeout, what, watch=[self])
+        return await wait_for_async(predicate, timeout, what, watch=[self], every=every)
 
     def send_signal(self, signum: int) -> None:
         """Signals the agent alone (a service manager's stop)."""

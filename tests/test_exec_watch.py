@@ -6,11 +6,11 @@ from __future__ import annotations
 import csv
 import os
 import re
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
+
+from agent.testing import run_agent
 
 AGENT = [sys.executable, "-m", "agent.cli"]
 MEASURE = ["--plugins", "procfs,energy-estimation-tdp,energy-attribution,csv"]
@@ -75,21 +75,11 @@ def test_exec_passes_sigterm_on_and_measures_until_the_command_exits(tmp_path: P
         "def bye(*_):\n    time.sleep(0.5); print('bye', flush=True); sys.exit(7)\n"
         "signal.signal(signal.SIGTERM, bye)\nprint('up', flush=True)\ntime.sleep(60)"
     )
-    proc = subprocess.Popen(
-        AGENT + ["exec", *MEASURE, "--", sys.executable, "-c", script],
-        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )
-    try:
-        assert proc.stdout is not None and proc.stdout.readline() == "up\n"
-        proc.send_signal(signal.SIGTERM)
-        out, err = proc.communicate(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
-    assert proc.returncode == 7, err
-    assert out == "bye\n" and "SIGTERM received: passed on to the command" in err
-    assert "exited with code 7" in err
+    with run_agent(None, "exec", *MEASURE, "--", sys.executable, "-c", script, directory=tmp_path) as agent:
+        agent.wait_for(lambda: agent.stdout == "up\n", what="the command to start")
+        assert agent.stop() == 7, agent.stderr
+    assert agent.stdout == "up\nbye\n" and "SIGTERM received: passed on to the command" in agent.stderr
+    assert "exited with code 7" in agent.stderr
 
 
 def test_options_after_the_sub_command(tmp_path: Path) -> None:
@@ -105,32 +95,26 @@ def test_options_after_the_sub_command(tmp_path: Path) -> None:
 
 def test_watch_measures_a_running_process_until_it_exits(tmp_path: Path) -> None:
     target = subprocess.Popen([sys.executable, "-c", BURN.format(seconds=600)], stdout=subprocess.PIPE, text=True)
-    watcher = None
     try:
         assert target.stdout is not None
         pid = target.stdout.readline().strip()
-        watcher = subprocess.Popen(
-            AGENT + ["watch", *MEASURE, pid], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-        )
-        output = tmp_path / "agent-output.csv"
-        deadline = time.monotonic() + 60
-        # Measured while it runs: its CPU time shows in the CSV (waiting for it, however loaded the machine).
-        while time.monotonic() < deadline:
-            if output.exists() and sum(of_process(rows(output), "cpu_time_delta", pid)) > 0:
-                break
-            time.sleep(0.2)
-        assert sum(of_process(rows(output), "cpu_time_delta", pid)) > 0
-        assert watcher.poll() is None  # still watching
-        target.kill()
-        _, stderr = watcher.communicate(timeout=30)
+        with run_agent(None, "watch", *MEASURE, pid, directory=tmp_path) as watcher:
+            output = tmp_path / "agent-output.csv"
+            # Measured while it runs: its CPU time shows in the CSV (waiting for it, however loaded the
+            # machine); the watcher fails the wait if it exits first.
+            watcher.wait_for(
+                lambda: output.exists() and sum(of_process(rows(output), "cpu_time_delta", pid)) > 0,
+                60,
+                "the process's CPU time in the csv",
+                every=0.2,
+            )
+            target.kill()
+            assert watcher.wait(30) == 0, watcher.stderr
     finally:
         if target.poll() is None:
             target.kill()
         target.wait()
-        if watcher is not None and watcher.poll() is None:
-            watcher.kill()
-            watcher.communicate()
-    assert watcher.returncode == 0, stderr
+    stderr = watcher.stderr
     assert f"process {pid}" in stderr and re.search(r"energy +[\d.]+ J", stderr)
     assert re.search(r"cpu +[\d.]+ s", stderr)
 
