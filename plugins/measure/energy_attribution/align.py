@@ -51,7 +51,9 @@ def share(energy: float, busy: float, cpu: Mapping[str, float]) -> dict[str, flo
     denominator = max(busy, sum(cpu.values()))
     if denominator <= 0 or energy <= 0:
         return {name: 0.0 for name in cpu}
-    return {name: energy * max(0.0, seconds) / denominator for name, seconds in cpu.items()}
+    # The fraction first: seconds / denominator <= 1 holds exactly in floating point, where
+    # energy * seconds / denominator can round above energy when the times are subnormal.
+    return {name: energy * (max(0.0, seconds) / denominator) for name, seconds in cpu.items()}
 
 
 def parent_path(path: str) -> str:

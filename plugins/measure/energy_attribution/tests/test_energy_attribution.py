@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 
 import pytest
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from agent import LOCAL_MACHINE, LOCAL_MACHINE_CONSUMER, Batch, Consumer, Resource, Series
@@ -34,6 +34,7 @@ def test_windows_that_tile_the_time_add_up_to_the_whole(deltas: list[Interval], 
 
 
 @given(st.floats(0, 1e6), st.floats(0, 1e4), st.dictionaries(st.text(max_size=3), st.floats(0, 1e4), max_size=10))
+@example(1.5, 0.0, {"": 5e-324})  # found by hypothesis: energy * seconds / total rounded up to 2.0 J
 def test_shares_never_exceed_the_energy(energy: float, busy: float, cpu: dict[str, float]) -> None:
     shares = share(energy, busy, cpu)
     assert set(shares) == set(cpu)
