@@ -22,7 +22,7 @@ from mkdocs.structure.files import File, Files
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
-LINK = re.compile(r"\]\(([^)\s]+)\)")
+LINK = re.compile(r"\[([^\]]*)\]\(([^)\s]+)\)")
 
 
 @dataclass(frozen=True)
@@ -54,18 +54,23 @@ def plugin_page(plugin: PluginDoc, by_folder: dict[Path, PluginDoc]) -> str:
     sample = (plugin.folder / "sample.toml").read_text(encoding="utf-8")
 
     def relink(match: re.Match[str]) -> str:
-        target, _, anchor = match.group(1).partition("#")
+        text, link = match.group(1), match.group(2)
+        target, _, anchor = link.partition("#")
         if not target or re.match(r"^[a-z]+:", target):  # an anchor on the page, or a URL
             return match.group(0)
         path = (plugin.folder / target).resolve()
         if path.name == "README.md" and path.parent in by_folder:
             new = f"{by_folder[path.parent].name}.md"
         elif path.is_relative_to(DOCS) and path.suffix == ".md":
+            if not path.is_file():
+                # A page the README announces before it exists: plain text until it lands, so that the
+                # README (which can be ahead of docs/) never breaks the strict build of the others.
+                return text
             new = os.path.relpath(path, DOCS / "plugins")
         else:  # a file of the checkout that is not a page: point at the page about the plugin's folder
             new = f"{plugin.name}.md"
             anchor = ""
-        return f"]({new}{'#' + anchor if anchor else ''})"
+        return f"[{text}]({new}{'#' + anchor if anchor else ''})"
 
     text = LINK.sub(relink, readme)
     if f"```toml\n{sample}```" not in readme:
@@ -97,6 +102,16 @@ def example_page() -> str:
     return "\n".join(parts) + "\n"
 
 
+def nav_pages(nav: Any) -> set[str]:
+    if isinstance(nav, str):
+        return {nav}
+    if isinstance(nav, list):
+        return set().union(*(nav_pages(item) for item in nav)) if nav else set()
+    if isinstance(nav, dict):
+        return set().union(*(nav_pages(value) for value in nav.values()))
+    return set()
+
+
 def on_config(config: Any) -> Any:
     plugins = plugin_folders()
     for section in config["nav"]:
@@ -104,6 +119,13 @@ def on_config(config: Any) -> Any:
             section["Plugins"] = [{p.name: p.page} for p in plugins]
         if "Writing plugins" in section:
             section["Writing plugins"].insert(1, {"The example plugin": "authoring/example.md"})
+    # A page added to docs/ without an edit to mkdocs.yml still gets into the navigation, under its title.
+    listed = nav_pages(config["nav"])
+    for path in sorted(DOCS.rglob("*.md")):
+        page = path.relative_to(DOCS).as_posix()
+        if page not in listed:
+            title = next((line[2:].strip() for line in path.read_text().splitlines() if line.startswith("# ")), page)
+            config["nav"].append({title: page})
     return config
 
 
