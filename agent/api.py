@@ -17,6 +17,10 @@ specifier such as ">=1,<2". The agent refuses to run a plugin whose range exclud
 
 from __future__ import annotations
 
+import functools
+import logging
+import warnings
+
 from packaging.specifiers import InvalidSpecifier, SpecifierSet
 from packaging.version import Version
 
@@ -27,6 +31,18 @@ API_VERSION = "1.0.0"
 CURRENT_API_RANGE = (
     f">={Version(API_VERSION).major}.{Version(API_VERSION).minor},<{Version(API_VERSION).major + 1}"
 )
+
+
+log = logging.getLogger(__name__)
+
+
+@functools.cache
+def warn_deprecated(old: str, instead: str, removed_in: str) -> None:
+    """Says once per process (a log warning, and a DeprecationWarning for test suites) that a plugin
+    used `old`, which keeps working until API `removed_in`, and what to use `instead`."""
+    message = f"{old} is deprecated and goes in agent API {removed_in}: use {instead}"
+    log.warning("%s", message)
+    warnings.warn(message, DeprecationWarning, stacklevel=3)
 
 
 class InvalidApiRange(ValueError):
@@ -50,4 +66,4 @@ def api_accepts(api_range: str | None, version: str = API_VERSION) -> bool:
     return specifier.contains(version, prereleases=True)
 
 
-__all__ = ["API_VERSION", "CURRENT_API_RANGE", "InvalidApiRange", "api_accepts"]
+__all__ = ["API_VERSION", "CURRENT_API_RANGE", "InvalidApiRange", "api_accepts", "warn_deprecated"]

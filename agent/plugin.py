@@ -27,6 +27,7 @@ from typing import Any, ClassVar, Literal
 import msgspec
 import trio
 
+from agent.api import warn_deprecated
 from agent.events import EventBus, EventKind, Listener
 from agent.inbox import AckCallback, OutputInbox, run_write_loop
 from agent.model import Batch, MetricDef, MetricRegistry, ValueType
@@ -278,6 +279,18 @@ class StartContext:
     grace_period: float = 10.0
     elements: list[Element] = field(default_factory=list)
     events: EventBus = field(default_factory=EventBus)
+    #: What `agent_config` returns (the agent's whole loaded config), for plugins written before the
+    #: typed fields existed.
+    legacy_agent_config: Any = field(default=None, repr=False)
+
+    @property
+    def agent_config(self) -> Any:
+        """Deprecated: the agent's whole config, untyped. Use `grace_period`, `config_dir` and
+        `data_dir`; this goes in agent API 1.1."""
+        warn_deprecated(
+            "StartContext.agent_config", "ctx.grace_period, ctx.config_dir and ctx.data_dir", removed_in="1.1"
+        )
+        return self.legacy_agent_config
 
     @property
     def logger(self) -> logging.Logger:

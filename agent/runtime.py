@@ -100,6 +100,7 @@ class Agent:
                 config_dir=self.config.path.parent if self.config.path is not None else None,
                 grace_period=float(self.config.agent.grace_period),
                 events=self.events,
+                legacy_agent_config=self.config,
             )
             try:
                 plugin.start(ctx, plugin_config)

@@ -173,3 +173,25 @@ def test_collect_plugins_marks_the_refused_ones_in_process() -> None:
 
     with pytest.raises(PluginLoadError, match=r"^plugin 'old' is refused: it wants agent API <1"):
         check_enabled(plugins, ["old"])
+
+
+def test_a_deprecated_name_keeps_working_and_warns_once_with_what_to_use(caplog) -> None:
+    """StartContext.agent_config (untyped) gave way to typed fields in API 1.0; it works until 1.1."""
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    from agent.api import warn_deprecated
+    from agent.model import MetricRegistry
+    from agent.plugin import StartContext
+
+    warn_deprecated.cache_clear()
+    legacy = SimpleNamespace(agent=SimpleNamespace(grace_period=7.0), path=None)
+    ctx = StartContext("old-plugin", MetricRegistry(), Path("data"), legacy_agent_config=legacy)
+    with pytest.warns(DeprecationWarning, match="use ctx.grace_period, ctx.config_dir and ctx.data_dir"):
+        assert ctx.agent_config.agent.grace_period == 7.0
+    assert ctx.agent_config is legacy  # a second use says nothing more
+    lines = [r.getMessage() for r in caplog.records if "deprecated" in r.getMessage()]
+    assert lines == [
+        "StartContext.agent_config is deprecated and goes in agent API 1.1:"
+        " use ctx.grace_period, ctx.config_dir and ctx.data_dir"
+    ]
