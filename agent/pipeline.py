@@ -65,6 +65,9 @@ class SourceState:
     next_poll: float = 0.0
     last_tick: float = 0.0
     changed: ChangeNotifier = field(default_factory=ChangeNotifier)
+    #: Sources added while running: removed by their plugin (`remove_source`), and their scope.
+    removed: bool = False
+    cancel_scope: trio.CancelScope | None = None
 
 
 @dataclass
@@ -112,7 +115,7 @@ class Pipeline:
                 self.inboxes[e.full_name] = inbox
                 self.outputs.append((e, inbox))
             elif e.kind == "source":
-                self.sources[e.full_name] = SourceState(e)
+                self.sources[e.full_name] = SourceState(e, paused=e.start_paused)
         self.services: list[Element] = [e for e in self.elements if e.kind == "service"]
         self._send_channel, self._receive_channel = trio.open_memory_channel[
             tuple[Batch, AckCallback | None]
@@ -123,9 +126,13 @@ class Pipeline:
         self._shutdown_deadline = float("inf")
         #: Set once every polled source has polled once (`agent exec` starts its command then).
         self.first_polls_done = trio.Event()
+        # Sources that start paused are not waited for: they may never poll.
         self._first_polls_pending = sum(
-            isinstance(state.element.obj, PolledSource) for state in self.sources.values()
+            isinstance(state.element.obj, PolledSource) and not state.paused for state in self.sources.values()
         )
+        # Where sources added while running are started (set by `run`).
+        self._source_nurseries: tuple[trio.Nursery, trio.Nursery] | None = None
+        self._once = False
         if self._first_polls_pending == 0:
             self.first_polls_done.set()
 
@@ -163,6 +170,48 @@ class Pipeline:
             source.flush_interval = poll_interval
         state.next_poll = state.last_tick + poll_interval
         state.changed.notify()
+
+    def add_source(self, element: Element) -> None:
+        """Adds a source while the pipeline runs (before `run`, it starts with the others). A source
+        added after the stop request is not started."""
+        name = element.full_name
+        if name in self.sources:
+            raise ValueError(f"source {name} already exists")
+        state = SourceState(element, paused=element.start_paused)
+        self.sources[name] = state
+        if self._source_nurseries is None:
+            self.elements.append(element)
+            if isinstance(element.obj, PolledSource) and not state.paused and not self.first_polls_done.is_set():
+                self._first_polls_pending += 1
+            return
+        if self._stop_sources.is_set():
+            log.info("source %s added during shutdown: not started", name)
+            return
+        polled, autonomous = self._source_nurseries
+        if isinstance(element.obj, PolledSource):
+            state.cancel_scope = trio.CancelScope()
+            polled.start_soon(self._run_added, name, state)
+        else:
+            state.cancel_scope = trio.CancelScope()
+            autonomous.start_soon(self._run_added, name, state)
+
+    async def _run_added(self, name: str, state: SourceState) -> None:
+        assert state.cancel_scope is not None
+        with state.cancel_scope:
+            if isinstance(state.element.obj, PolledSource):
+                await self._run_polled(name, state, self._once)
+            else:
+                await self._run_autonomous(name, state, state.element.obj)
+
+    def remove_source(self, name: str) -> None:
+        """Ends a source added while running: a polled one hands over what it holds first."""
+        state = self.sources.get(name)
+        if state is None:
+            return
+        state.removed = True
+        state.changed.notify()
+        if not isinstance(state.element.obj, PolledSource) and state.cancel_scope is not None:
+            state.cancel_scope.cancel()
 
     def poll_now(self, name: str) -> None:
         """The polled source polls now (paused or not) and sends what it holds at once."""
@@ -253,6 +302,8 @@ class Pipeline:
                             await autonomous.start(self._run_autonomous, name, state, src)
                     if self.self_metrics_interval > 0 and not once:
                         autonomous.start_soon(self._self_metrics_loop)
+                    self._source_nurseries = (polled, autonomous)
+                    self._once = once
                     task_status.started()
                     if once:
                         # Polled sources return after their one poll; nothing else runs.
@@ -393,9 +444,11 @@ class Pipeline:
                         for series in batch.series:
                             builder.add_series(series)
                         raise
-                if not (self._stop_sources.is_set() or state.poll_now or state.flush_now):
+                if not (self._stop_sources.is_set() or state.poll_now or state.flush_now or state.removed):
                     with trio.move_on_at(state.next_poll):
                         await state.changed.wait()
+                if state.removed:
+                    break  # its plugin removed it (its consumer ended): hand over what it holds
                 if self._stop_sources.is_set():
                     if self._final_poll:
                         await self._poll_once(state, builder)
@@ -435,7 +488,7 @@ class Pipeline:
             log.debug("poll failure", exc_info=True)
         state.polls += 1
         state.points += len(builder) - before
-        if state.polls == 1:
+        if state.polls == 1 and not state.element.start_paused and self._first_polls_pending > 0:
             self._first_polls_pending -= 1
             if self._first_polls_pending == 0:
                 self.first_polls_done.set()

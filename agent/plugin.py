@@ -256,10 +256,72 @@ class Element:
     kind: Literal["source", "transform", "output", "service"]
     obj: Any
     config: Any = None
+    #: A source that starts paused: it does nothing until resumed (`RunningPipeline.resume`).
+    start_paused: bool = False
 
     @property
     def full_name(self) -> str:
         return self.name if self.name == self.plugin else f"{self.plugin}/{self.name}"
+
+
+class RunningPipeline:
+    """What a plugin may do to the pipeline once it runs, through `StartContext.pipeline`: add sources
+    (one per new consumer, where that is the plugin's design) and pause, resume or poll its own sources
+    (a source started paused until an event says there is something to measure).
+
+    Calls made before the pipeline is built are kept and applied when it is (the agent binds every
+    plugin's handle right after building the pipeline). Names are the plugin's own element names.
+    """
+
+    def __init__(self, plugin_name: str) -> None:
+        self.plugin_name = plugin_name
+        self._pipeline: Any = None
+        self._pending: list[tuple[str, Any]] = []
+
+    def bind(self, pipeline: Any) -> None:
+        """Called by the core (and by tests) with the `agent.pipeline.Pipeline` the plugin runs in."""
+        self._pipeline = pipeline
+        pending, self._pending = self._pending, []
+        for action, argument in pending:
+            getattr(self, action)(*argument)
+
+    def _full_name(self, name: str | None) -> str:
+        name = name or self.plugin_name
+        return name if name == self.plugin_name else f"{self.plugin_name}/{name}"
+
+    def add_source(self, source: PolledSource | AutonomousSource, name: str, paused: bool = False) -> None:
+        """Adds and starts a source while the agent runs; `name` must be new among the plugin's sources."""
+        if not isinstance(source, PolledSource | AutonomousSource):
+            raise TypeError(f"{source!r} is neither a PolledSource nor an AutonomousSource")
+        if self._pipeline is None:
+            self._pending.append(("add_source", (source, name, paused)))
+            return
+        self._pipeline.add_source(Element(self.plugin_name, name, "source", source, start_paused=paused))
+
+    def pause(self, name: str | None = None) -> None:
+        self._set_paused(name, True)
+
+    def resume(self, name: str | None = None) -> None:
+        self._set_paused(name, False)
+
+    def _set_paused(self, name: str | None, paused: bool) -> None:
+        if self._pipeline is None:
+            self._pending.append(("_set_paused", (name, paused)))
+            return
+        self._pipeline.set_paused(self._full_name(name), paused)
+
+    def poll_now(self, name: str | None = None) -> None:
+        if self._pipeline is None:
+            self._pending.append(("poll_now", (name,)))
+            return
+        self._pipeline.poll_now(self._full_name(name))
+
+    def remove_source(self, name: str) -> None:
+        """Stops a source added while running (its consumer ended): it flushes what it holds and ends."""
+        if self._pipeline is None:
+            self._pending = [p for p in self._pending if not (p[0] == "add_source" and p[1][1] == name)]
+            return
+        self._pipeline.remove_source(self._full_name(name))
 
 
 @dataclass
@@ -279,6 +341,8 @@ class StartContext:
     grace_period: float = 10.0
     elements: list[Element] = field(default_factory=list)
     events: EventBus = field(default_factory=EventBus)
+    #: The running pipeline, for sources added, paused and resumed while the agent runs.
+    pipeline: RunningPipeline = field(default=None)  # type: ignore[assignment]
     #: What `agent_config` returns (the agent's whole loaded config), for plugins written before the
     #: typed fields existed.
     legacy_agent_config: Any = field(default=None, repr=False)
@@ -291,6 +355,10 @@ class StartContext:
             "StartContext.agent_config", "ctx.grace_period, ctx.config_dir and ctx.data_dir", removed_in="1.1"
         )
         return self.legacy_agent_config
+
+    def __post_init__(self) -> None:
+        if self.pipeline is None:
+            self.pipeline = RunningPipeline(self.plugin_name)
 
     @property
     def logger(self) -> logging.Logger:
@@ -308,10 +376,15 @@ class StartContext:
         path.mkdir(parents=True, exist_ok=True)
         return path
 
-    def add_source(self, source: PolledSource | AutonomousSource, name: str | None = None) -> None:
+    def add_source(
+        self, source: PolledSource | AutonomousSource, name: str | None = None, *, paused: bool = False
+    ) -> None:
+        """Adds a source; with `paused`, it starts paused until `self.pipeline.resume(name)`."""
         if not isinstance(source, PolledSource | AutonomousSource):
             raise TypeError(f"{source!r} is neither a PolledSource nor an AutonomousSource")
-        self.elements.append(Element(self.plugin_name, name or self.plugin_name, "source", source))
+        self.elements.append(
+            Element(self.plugin_name, name or self.plugin_name, "source", source, start_paused=paused)
+        )
 
     def add_transform(self, transform: Transform, name: str | None = None) -> None:
         self.elements.append(Element(self.plugin_name, name or self.plugin_name, "transform", transform))
@@ -415,6 +488,7 @@ __all__ = [
     "PluginConfig",
     "PolledSource",
     "PolledSourceConfig",
+    "RunningPipeline",
     "Service",
     "SourceSink",
     "StartContext",

@@ -24,7 +24,7 @@ from agent.events import EventBus
 from agent.manager import PluginEntry
 from agent.model import MetricDef, MetricRegistry
 from agent.pipeline import SELF_METRICS, Pipeline
-from agent.plugin import Element, Plugin, StartContext
+from agent.plugin import Element, Plugin, RunningPipeline, StartContext
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +76,7 @@ class Agent:
         self.events = EventBus()
         self.started: dict[str, Plugin] = {}
         self._started_names: list[str] = []
+        self._handles: list[RunningPipeline] = []
         self.elements: list[Element] = []
         self.pipeline: Pipeline | None = None
         #: Set when a second signal ended the agent without draining; 0 otherwise.
@@ -108,6 +109,7 @@ class Agent:
                 log.debug("plugin %s start failure", name, exc_info=True)
                 self.stop_plugins()
                 raise PluginStartError(f"plugin {name} failed to start: {describe_exception(exc)}") from exc
+            self._handles.append(ctx.pipeline)
             self.started[name] = plugin
             self._started_names.append(name)
             self.elements += ctx.elements
@@ -122,6 +124,8 @@ class Agent:
             source_channel_size=self.config.agent.source_channel_size,
             self_metrics_interval=float(self.config.agent.self_metrics_interval),
         )
+        for handle in self._handles:
+            handle.bind(self.pipeline)
         return self.pipeline
 
     def stop_plugins(self) -> None:
