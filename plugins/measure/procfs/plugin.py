@@ -139,7 +139,7 @@ class ProcfsSource(PolledSource):
         self._kernel: KernelStat | None = None
         self._net: dict[str, dict[str, tuple[int, int]]] | None = None
         # Uptime in ticks at the previous poll: a process that started after it is counted from zero.
-        self._previous_uptime_ticks: float | None = None
+        self._previous_uptime_ticks: int | None = None
         self._followed: dict[int, _Process] = {}
         # PIDs already matched against the patterns, with the start time seen (a reused PID is new).
         self._pattern_checked: dict[int, int] = {}
@@ -182,7 +182,9 @@ class ProcfsSource(PolledSource):
     def measure(self, announcements: list[tuple[int, int | None, bool]]) -> list[Point]:
         points: list[Point] = []
         try:
-            uptime_ticks = float(self._read("uptime").split()[0]) * TICKS_PER_SECOND
+            # Rounded: 2164.95 s * 100 is 216495.00000000003 in floating point, which would make a
+            # process started in that same tick look older than the poll.
+            uptime_ticks = round(float(self._read("uptime").split()[0]) * TICKS_PER_SECOND)
         except (OSError, ValueError, IndexError):
             uptime_ticks = None
         if self.config.kernel:
