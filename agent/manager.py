@@ -46,6 +46,7 @@ BUILTIN_PLUGIN_MODULES: tuple[str, ...] = (
     "agent_plugins.graphite.graphite_out.plugin",
     "agent_plugins.graphite.amqp_in.plugin",
     "agent_plugins.graphite.http_in.plugin",
+    "agent_plugins.postgres.plugin",
 )
 
 

@@ -642,6 +642,7 @@ class Pipeline:
                 ("agent_output_points_written_total", c.written),
                 ("agent_output_points_dropped_total", c.dropped),
                 ("agent_output_points_queued", inbox.queued_points),
+                ("agent_output_write_failures_total", c.failed_writes),
             ):
                 series.append(
                     Series(metric, LOCAL_MACHINE, LOCAL_MACHINE_CONSUMER, {"output": name}, [ts], [value])
@@ -693,5 +694,10 @@ SELF_METRICS: Sequence[tuple[str, str, str]] = (
     ("agent_output_points_written_total", "1", "points the output wrote"),
     ("agent_output_points_dropped_total", "1", "points the output dropped (queue overflow, shutdown)"),
     ("agent_output_points_queued", "1", "points waiting in the output's queue"),
+    (
+        "agent_output_write_failures_total",
+        "1",
+        "writes that failed and were retried (server down, connection cut)",
+    ),
     ("agent_source_errors_total", "1", "failed polls or restarts of a source"),
 )

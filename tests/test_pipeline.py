@@ -409,11 +409,13 @@ async def test_self_metrics_count_received_written_dropped_queued_per_output(
         ("agent_output_points_written_total", "out"): 10,
         ("agent_output_points_dropped_total", "out"): 0,
         ("agent_output_points_queued", "out"): 0,
+        ("agent_output_write_failures_total", "out"): 0,
         # stuck holds one 2-point batch in its write; each new batch pushes the queued one out.
         ("agent_output_points_received_total", "stuck"): 10,
         ("agent_output_points_written_total", "stuck"): 0,
         ("agent_output_points_dropped_total", "stuck"): 6,
         ("agent_output_points_queued", "stuck"): 4,
+        ("agent_output_write_failures_total", "stuck"): 0,
     }
 
 
