@@ -47,6 +47,7 @@ BUILTIN_PLUGIN_MODULES: tuple[str, ...] = (
     "agent_plugins.graphite.amqp_in.plugin",
     "agent_plugins.graphite.http_in.plugin",
     "agent_plugins.postgres.plugin",
+    "agent_plugins.prometheus.plugin",
 )
 
 

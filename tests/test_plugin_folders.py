@@ -151,7 +151,7 @@ def test_plugin_class_describes_itself(folder: PluginFolder) -> None:
         assert cls.agent_api and api_accepts(cls.agent_api), (
             f"{cls.name}: declare the API range it was written for (agent_api = {CURRENT_API_RANGE!r})"
         )
-        assert cls.provides and set(cls.provides) <= {"source", "transform", "output"}
+        assert cls.provides and set(cls.provides) <= {"source", "transform", "output", "service"}
         assert issubclass(cls.Config, msgspec.Struct)
 
 
