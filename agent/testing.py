@@ -98,6 +98,65 @@ def load_config(plugin: type[Plugin], table: Mapping[str, Any] | None = None) ->
     return convert_section(dict(table or {}), plugin.Config, f"plugins.{plugin.name}")
 
 
+class CuttingProxy:
+    """A TCP proxy on 127.0.0.1 (a free port) to a real server, for outage tests: `cut()` closes every
+    proxied connection and refuses new ones (accepted, then closed at once) until `restore()`.
+
+        proxy = CuttingProxy(("127.0.0.1", 5432))
+        port = await nursery.start(proxy.run)   # point the plugin at 127.0.0.1:port
+        proxy.cut(); ...; proxy.restore()
+    """
+
+    def __init__(self, target: tuple[str, int]) -> None:
+        self.target = target
+        self.port = 0
+        self.refusing = False
+        self.cuts = 0
+        self.connections = 0
+        self._scopes: set[trio.CancelScope] = set()
+
+    async def run(self, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        self.port = listeners[0].socket.getsockname()[1]
+        task_status.started(self.port)
+        await trio.serve_listeners(self._handle, listeners)
+
+    async def _handle(self, client: trio.SocketStream) -> None:
+        async with client:
+            if self.refusing:
+                return
+            self.connections += 1
+            with trio.CancelScope() as scope:
+                self._scopes.add(scope)
+                try:
+                    upstream = await trio.open_tcp_stream(*self.target)
+                    async with upstream, trio.open_nursery() as nursery:
+                        nursery.start_soon(self._pump, client, upstream, nursery.cancel_scope)
+                        nursery.start_soon(self._pump, upstream, client, nursery.cancel_scope)
+                except OSError:
+                    pass  # the server is away: the client sees its connection closed
+                finally:
+                    self._scopes.discard(scope)
+
+    @staticmethod
+    async def _pump(source: trio.SocketStream, sink: trio.SocketStream, scope: trio.CancelScope) -> None:
+        try:
+            async for data in source:
+                await sink.send_all(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        scope.cancel()
+
+    def cut(self) -> None:
+        self.refusing = True
+        self.cuts += 1
+        for scope in list(self._scopes):
+            scope.cancel()
+
+    def restore(self) -> None:
+        self.refusing = False
+
+
 def start_plugin(
     plugin: type[Plugin],
     table: Mapping[str, Any] | None = None,
@@ -616,6 +675,7 @@ __all__ = [
     "AgentProcess",
     "CollectingOutput",
     "load_config",
+    "CuttingProxy",
     "make_batch",
     "make_series",
     "open_agent",

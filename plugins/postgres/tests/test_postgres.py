@@ -18,7 +18,7 @@ import pytest
 import trio
 
 from agent import Batch, BatchIdentity, MetricRegistry, StartupError
-from agent.testing import make_series, require_service, running_pipeline, start_plugin
+from agent.testing import CuttingProxy, make_series, require_service, running_pipeline, start_plugin
 from agent_plugins.postgres.plugin import PostgresPlugin
 
 URL = os.environ.get("POSTGRES_URL", "postgresql://127.0.0.1:5432/test")
@@ -194,55 +194,6 @@ def test_an_unreachable_server_at_start_is_waited_for(schema, tmp_path, caplog) 
     with caplog.at_level(logging.WARNING):
         ctx, _ = start(schema, tmp_path, url=with_port(URL, port), connect_timeout="1s")
     assert "is not reachable" in caplog.text and "points wait in the buffer" in caplog.text
-
-
-class CuttingProxy:
-    """A TCP proxy to PostgreSQL that can cut every connection and refuse new ones until restored."""
-
-    def __init__(self, target: tuple[str, int]) -> None:
-        self.target = target
-        self.port = 0
-        self.refusing = False
-        self.cuts = 0
-        self._scopes: set[trio.CancelScope] = set()
-
-    async def run(self, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
-        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
-        self.port = listeners[0].socket.getsockname()[1]
-        task_status.started(self.port)
-        await trio.serve_listeners(self._handle, listeners)
-
-    async def _handle(self, client: trio.SocketStream) -> None:
-        async with client:
-            if self.refusing:
-                return
-            with trio.CancelScope() as scope:
-                self._scopes.add(scope)
-                try:
-                    upstream = await trio.open_tcp_stream(*self.target)
-                    async with upstream, trio.open_nursery() as nursery:
-                        nursery.start_soon(self._pump, client, upstream, nursery.cancel_scope)
-                        nursery.start_soon(self._pump, upstream, client, nursery.cancel_scope)
-                finally:
-                    self._scopes.discard(scope)
-
-    @staticmethod
-    async def _pump(source: trio.SocketStream, sink: trio.SocketStream, scope: trio.CancelScope) -> None:
-        try:
-            async for data in source:
-                await sink.send_all(data)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass
-        scope.cancel()
-
-    def cut(self) -> None:
-        self.refusing = True
-        self.cuts += 1
-        for scope in list(self._scopes):
-            scope.cancel()
-
-    def restore(self) -> None:
-        self.refusing = False
 
 
 async def test_an_outage_mid_stream_ends_with_every_point_stored_exactly_once(schema, tmp_path) -> None:
