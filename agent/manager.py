@@ -48,6 +48,7 @@ BUILTIN_PLUGIN_MODULES: tuple[str, ...] = (
     "agent_plugins.graphite.http_in.plugin",
     "agent_plugins.postgres.plugin",
     "agent_plugins.prometheus.plugin",
+    "agent_plugins.influxdb.plugin",
 )
 
 
