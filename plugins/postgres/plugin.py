@@ -39,6 +39,7 @@ from agent import (
     Batch,
     BatchIdentity,
     ChangeNotifier,
+    Consumer,
     Duration,
     MetricDef,
     MetricRegistry,
@@ -48,6 +49,7 @@ from agent import (
     OutputInbox,
     Plugin,
     PositiveDuration,
+    Resource,
     Size,
     StartContext,
     StartupError,
@@ -94,6 +96,15 @@ class PostgresConfig(OutputConfig, kw_only=True):
 
 _encode_batch = msgspec.msgpack.Encoder().encode
 _decode_batch = msgspec.msgpack.Decoder(Batch).decode
+
+
+def _utf8(text: str) -> str:
+    """The text with what UTF-8 cannot encode (lone surrogates) replaced by U+FFFD."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return "".join("\ufffd" if 0xD800 <= ord(c) <= 0xDFFF else c for c in text)
 
 
 def metric_names(batches: list[Batch]) -> set[str]:
@@ -196,12 +207,24 @@ class PostgresOutput(Output):
             if not envs:
                 continue
             payloads = []
+            kept = []
             for env in envs:
                 try:
                     payloads.append(_encode_batch(env.batch))
-                except OverflowError:
-                    # Integers or timestamps beyond 64 bits (a relay client may send them).
-                    payloads.append(_encode_batch(self._encodable(env.batch)))
+                except (OverflowError, UnicodeError):
+                    # Integers or timestamps beyond 64 bits, lone surrogates in names (a pickle can hold
+                    # them): made storable, or refused, here rather than crashing at every retry.
+                    try:
+                        payloads.append(_encode_batch(self._encodable(env.batch)))
+                    except (OverflowError, UnicodeError, ValueError) as exc:
+                        self.rejected_points += env.points
+                        log.error("postgres: batch %s refused, it cannot be stored: %s", env.batch.identity or "from a local source", exc)
+                        env.done(True)  # resending it could never help
+                        continue
+                kept.append(env)
+            envs = kept
+            if not envs:
+                continue
             last = await trio.to_thread.run_sync(buffer.append_many, payloads)
             first = last - len(envs) + 1
             for seq, env in enumerate(envs, first):
@@ -246,11 +269,17 @@ class PostgresOutput(Output):
                     result = await self._write_one_by_one(batches)
                 else:
                     result = await self._write(batches)
-            except (psycopg.Error, StoreError, OSError) as exc:
-                if is_poison(exc) and not one_by_one:
+            except Exception as exc:
+                # Anything but a psycopg, connection or start error comes from the batches' contents:
+                # as poison, it sends the batches one by one, and the one that fails alone is refused.
+                poison = is_poison(exc) or not isinstance(exc, psycopg.Error | StoreError | OSError)
+                if poison and not one_by_one:
                     # Bad data, not a bad moment: write the records one by one, so that only the bad
                     # one is refused (those already committed are recognised by their identity).
-                    log.warning("postgres: the database refused a write (%s); writing its batches one by one", one_line(exc))
+                    log.warning(
+                        "postgres: a write failed on its data (%s); writing its batches one by one",
+                        one_line(exc) if isinstance(exc, psycopg.Error) else describe_exception(exc),
+                    )
                     one_by_one = True
                     continue
                 self.failed_writes += 1
@@ -302,7 +331,18 @@ class PostgresOutput(Output):
                     batch.identity or "a local source",
                 )
                 continue
-            series.append(msgspec.structs.replace(s, values=[as_float(v) for v in s.values]))
+            series.append(
+                msgspec.structs.replace(
+                    s,
+                    metric=_utf8(s.metric) if isinstance(s.metric, str) else [_utf8(m) for m in s.metric],
+                    resource=Resource(_utf8(s.resource.kind), _utf8(s.resource.id)),
+                    consumer=Consumer(_utf8(s.consumer.kind), _utf8(s.consumer.id)),
+                    attributes={
+                        _utf8(k): _utf8(v) if isinstance(v, str) else v for k, v in s.attributes.items()
+                    },
+                    values=[as_float(v) for v in s.values],
+                )
+            )
         return Batch(series, batch.identity)
 
     def _settle_lost(self, position: int, committed: int) -> None:
@@ -352,10 +392,12 @@ class PostgresOutput(Output):
                 try:
                     result = await self._write([batch])
                     break
-                except psycopg.Error as exc:
-                    if is_poison(exc):
+                except Exception as exc:
+                    if is_poison(exc) or not isinstance(exc, psycopg.Error | StoreError | OSError):
                         log.error(
-                            "postgres: batch %s refused by the database, dropped: %s", batch.identity, one_line(exc)
+                            "postgres: batch %s refused, dropped: %s",
+                            batch.identity,
+                            one_line(exc) if isinstance(exc, psycopg.Error) else describe_exception(exc),
                         )
                         result = WriteResult(rejected_points=len(batch))
                         break

@@ -123,7 +123,7 @@ class MetricsEndpoint(Service):
         try:
             listeners = await open_tcp_listeners(self.address, what="prometheus")
         except OSError as exc:
-            raise StartupError(str(exc)) from None
+            raise StartupError(exc.strerror or str(exc)) from None
         self.bound = [format_address(*l.socket.getsockname()[:2]) for l in listeners]  # noqa: E741
         log.info("prometheus: serving /metrics on %s", ", ".join(self.bound))
         task_status.started(self.bound)

@@ -246,3 +246,14 @@ async def test_points_buffered_on_disk_survive_a_restart_during_an_outage(schema
                     await trio.sleep(0.05)
         nursery.cancel_scope.cancel()
     assert query(f'SELECT value FROM "{schema}".points ORDER BY value') == [(float(i),) for i in range(5)]
+
+
+async def test_a_lone_surrogate_in_a_name_is_replaced_and_the_output_goes_on(schema, tmp_path) -> None:
+    ctx, output = start(schema, tmp_path)
+    async with running_pipeline(ctx.elements) as pipeline:
+        sink = pipeline.sink()
+        # A Graphite pickle can carry a lone surrogate, which UTF-8 (and PostgreSQL) cannot hold.
+        assert await sink.send_and_wait(batch([1.0], metric="bad\ud800name", attributes={"k": "v\udfff"}))
+        assert await sink.send_and_wait(batch([2.0], metric="after"))
+    rows = query(f'SELECT metric, attributes FROM "{schema}".points_readable ORDER BY metric')
+    assert rows == [("after", {}), ("bad\ufffdname", {"k": "v\ufffd"})]

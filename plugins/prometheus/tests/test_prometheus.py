@@ -20,7 +20,7 @@ import trio.testing
 from hypothesis import given
 from hypothesis import strategies as st
 
-from agent import Batch, Consumer, MetricDef, MetricRegistry, Resource
+from agent import Batch, Consumer, MetricDef, MetricRegistry, Resource, StartupError
 from agent.testing import make_series, running_pipeline, start_plugin
 from agent_plugins.prometheus.exposition import (
     SeriesStore,
@@ -257,3 +257,23 @@ async def test_the_real_prometheus_scrapes_the_exporter_and_answers_queries(tmp_
                 process.kill()
                 process.wait()
             log_file.close()
+
+
+async def test_declared_counters_are_exposed_as_counters_with_total() -> None:
+    store = SeriesStore(counters=["energy_joules"])
+    output = PrometheusOutput(store, registry(), 300)
+    await output.write([Batch([make_series("energy_joules", [5.0]), make_series("power_watts", [2.0])])])
+    endpoint = MetricsEndpoint("127.0.0.1:0", store, 300, False)
+    body = endpoint.respond(h11.Request(method="GET", target="/metrics", headers=[("Host", "x")]))[2].decode()
+    assert "# TYPE energy_joules_total counter" in body and "\nenergy_joules_total{" in body
+    assert "# TYPE power_watts gauge" in body
+
+
+async def test_a_busy_address_is_a_startup_error_naming_it() -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        address = f"127.0.0.1:{busy.getsockname()[1]}"
+        endpoint = MetricsEndpoint(address, SeriesStore(), 300, False)
+        with pytest.raises(StartupError, match=f"^prometheus: cannot listen on {address}: Address already in use$"):
+            await endpoint.run()
