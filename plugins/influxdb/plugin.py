@@ -175,6 +175,7 @@ class InfluxdbPlugin(Plugin):
     version = "0.1.0"
     description = "Writes points to InfluxDB as gzipped line protocol (/write: 1.x, and 2.x/3.x compatibility)."
     Config = InfluxdbConfig
+    agent_api = ">=1,<2"
     provides = ("output",)
 
     def start(self, ctx: StartContext, config: InfluxdbConfig) -> None:

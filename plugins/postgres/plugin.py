@@ -424,6 +424,7 @@ class PostgresPlugin(Plugin):
     version = "0.1.0"
     description = "Writes points to PostgreSQL (COPY, time partitions, retention), each batch exactly once."
     Config = PostgresConfig
+    agent_api = ">=1,<2"
     provides = ("output",)
 
     def start(self, ctx: StartContext, config: PostgresConfig) -> None:

@@ -201,6 +201,7 @@ class PrometheusPlugin(Plugin):
     version = "0.1.0"
     description = "An exporter: the latest value of every series at GET /metrics, for Prometheus to scrape."
     Config = PrometheusConfig
+    agent_api = ">=1,<2"
     provides = ("output", "service")
 
     def start(self, ctx: StartContext, config: PrometheusConfig) -> None:
