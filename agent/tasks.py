@@ -80,9 +80,12 @@ class Reconnector:
     The caller connects and reports: `connected()` once a connection is up, `failed(reason)` after an
     attempt that did not get one (returns the delay before the next attempt), `ended(reason)` when an
     established connection ended (returns the delay before reconnecting). Logging: each of the first
-    `warn_attempts` failures of an outage is a warning; then one error that says the outage goes on
+    `warn_attempts - 1` failures of an outage is a warning; then one error that says the outage goes on
     (how long, how many attempts, the last reason, and `summary()` such as what is buffered), repeated
-    every `reminder_interval`; the others go to debug. The end of an outage is logged with its length.
+    every `reminder_interval`; the others go to debug. A refusal (`failed(..., refused=True)`: the peer
+    answered and said no, as for a wrong token) is an error once per distinct reason and then every
+    `reminder_interval`. The end of an outage is logged with its length. `peer` (an address) makes the
+    lines name what cannot be reached.
     """
 
     def __init__(
@@ -95,6 +98,7 @@ class Reconnector:
         reminder_interval: float = 60.0,
         summary: Callable[[], str] | None = None,
         clock: Callable[[], float] = trio.current_time,
+        peer: str = "",
     ) -> None:
         self.what = what
         self.logger = logger
@@ -103,13 +107,14 @@ class Reconnector:
         self.reminder_interval = reminder_interval
         self.summary = summary
         self.clock = clock
+        self.peer = peer
         #: Failed attempts since the last connection.
         self.failures = 0
         #: When the current outage started (None while connected or before the first attempt).
         self.down_since: float | None = None
         self.last_error = ""
         self._last_reminder = float("-inf")
-        self._last_reason_logged: str | None = None
+        self._last_refusal_logged: str | None = None
 
     @property
     def down(self) -> bool:
@@ -118,50 +123,80 @@ class Reconnector:
     def connected(self) -> None:
         if self.down_since is not None:
             self.logger.info(
-                "%s: connected again after %.1fs (%d failed attempts)",
+                "%s: connected again%s after %.1fs (%d failed attempts)",
                 self.what,
+                f" to {self.peer}" if self.peer else "",
                 self.clock() - self.down_since,
                 self.failures,
             )
         self.failures = 0
         self.down_since = None
         self.last_error = ""
-        self._last_reason_logged = None
+        self._last_reminder = float("-inf")
+        self._last_refusal_logged = None
         self.backoff.reset()
 
     def ended(self, reason: str, level: int = logging.WARNING) -> float:
         """An established connection ended; returns the delay before reconnecting."""
-        self.logger.log(level, "%s: connection ended: %s; reconnecting", self.what, reason)
+        self.logger.log(
+            level,
+            "%s: connection%s ended: %s; reconnecting",
+            self.what,
+            f" to {self.peer}" if self.peer else "",
+            reason,
+        )
         return self.backoff.next_delay()
 
-    def failed(self, reason: str, *, delay: float | None = None) -> float:
+    def failed(self, reason: str, *, delay: float | None = None, refused: bool = False) -> float:
         """An attempt failed; returns the delay before the next one (`delay` overrides the backoff, for
-        a peer that refused us and will not change its mind soon)."""
+        a peer that refused us and will not change its mind soon). `refused`: the peer answered and said
+        no (see the class docstring for how that is logged)."""
         now = self.clock()
         if self.down_since is None:
             self.down_since = now
         self.failures += 1
         self.last_error = reason
         wait = self.backoff.next_delay() if delay is None else delay
-        if self.failures < self.warn_attempts and reason != self._last_reason_logged:
+        # A delay drawn from the maximum's jitter range reads as the maximum: "retrying every 4s".
+        maximum = self.backoff.maximum
+        every = maximum if delay is None or maximum / 2 <= delay <= maximum else delay
+        unreachable = f"cannot reach {self.peer}: " if self.peer else ""
+        if refused:
+            if reason != self._last_refusal_logged or now - self._last_reminder >= self.reminder_interval:
+                self._last_refusal_logged = reason
+                self._last_reminder = now
+                self.logger.error(
+                    "%s: %s; retrying every %gs",
+                    self.what,
+                    f"{self.peer} {reason}" if self.peer else reason,
+                    every,
+                )
+            else:
+                self.logger.debug("%s: still refused: %s", self.what, reason)
+        elif self.failures < self.warn_attempts:
             self.logger.warning(
-                "%s: %s; retrying in %.2gs (attempt %d)", self.what, reason, wait, self.failures
+                "%s: %s%s; retrying in %.2gs (attempt %d)",
+                self.what,
+                unreachable,
+                reason,
+                wait,
+                self.failures,
             )
-            self._last_reason_logged = reason
-        elif self.failures >= self.warn_attempts and now - self._last_reminder >= self.reminder_interval:
+        elif now - self._last_reminder >= self.reminder_interval:
             self._last_reminder = now
             extra = f"; {self.summary()}" if self.summary is not None else ""
             self.logger.error(
-                "%s: outage: unreachable for %.1fs (%d attempts; last: %s)%s; retrying every %gs",
+                "%s: outage: %sunreachable for %.1fs (%d attempts; last: %s)%s; retrying every %gs",
                 self.what,
+                f"{self.peer} " if self.peer else "",
                 now - self.down_since,
                 self.failures,
                 reason,
                 extra,
-                self.backoff.maximum if delay is None else delay,
+                every,
             )
         else:
-            self.logger.debug("%s: still unreachable: %s", self.what, reason)
+            self.logger.debug("%s: still %s%s", self.what, unreachable or "unreachable: ", reason)
         return wait
 
 

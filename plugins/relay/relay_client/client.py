@@ -19,6 +19,11 @@
 - **Receiver**: applies cumulative acks (commit the log: the records leave the buffer), logs refusals,
   notices a silent server (3 heartbeat intervals) and ends the session.
 
+Every protocol decision of a session (what to send next, what a message from the server means, what
+the end of a connection means) is made by `relay.protocol.session.ClientSession` and `retry_delay`,
+without I/O; the outage bookkeeping is `agent.Reconnector`'s. This module moves bytes, reads and
+commits the store, and sleeps.
+
 At shutdown the intake takes what is left in the queue, then waits (within the agent's grace period)
 until the server has acknowledged everything, says goodbye and closes. With the disk buffer it does not
 wait for an unreachable server: the records stay on disk and go out after the next start.
@@ -30,7 +35,6 @@ import itertools
 import logging
 import random
 import ssl
-import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -38,34 +42,21 @@ from typing import Any, TypeVar
 
 import trio
 
-from agent import Envelope, OutputInbox, describe_exception
+from agent import Backoff, ChangeNotifier, Envelope, OutputInbox, Reconnector, describe_exception
 from agent import __version__ as AGENT_VERSION
-from agent.backoff import Backoff
-from agent.model import MetricDef, MetricRegistry
+from agent.model import MetricRegistry
 from agent.plugin import Output
-from agent_plugins.relay.protocol import (
-    PROTOCOL_VERSION,
-    Accept,
-    Ack,
-    FrameDecoder,
-    FrameEncoder,
-    Goodbye,
-    GoodbyeCode,
-    Heartbeat,
-    Hello,
-    Message,
-    MetricDefs,
-    ProtocolError,
-    Refused,
-    Reject,
-    RejectCode,
-    ServerMessage,
-    TruncatedStreamError,
-)
+from agent_plugins.relay.protocol import PROTOCOL_VERSION, Ack, FrameEncoder, Hello, ProtocolError, Refused
 from agent_plugins.relay.protocol.address import parse_address
-from agent_plugins.relay.protocol.session import SendWindow, plan_resume
+from agent_plugins.relay.protocol.session import (
+    ClientSession,
+    Rejected,
+    SessionEnded,
+    plan_resume,
+    retry_delay,
+)
 
-from .records import encode_records, frame_body_size
+from .records import encode_records
 from .store import BatchStore, BufferSpec
 
 log = logging.getLogger(__name__)
@@ -76,17 +67,15 @@ RECEIVE_SIZE = 256 * 1024
 #: Records recently appended are kept in memory too, so that the sender does not read back from disk
 #: what it has just written. Bounded: a sender that falls behind reads from the log.
 RECENT_CACHE_BYTES = 64 * 1024 * 1024
-#: Frames are coalesced into one send call up to this size (many small batches, one system call).
-SEND_CHUNK_BYTES = 1 << 20
 #: Records encoded ahead of the disk write (the intake encodes while the appender writes).
 APPEND_QUEUE_RECORDS = 4
-#: Metric definitions per MetricDefs message, so that a huge table never makes an oversized frame.
-DEFS_PER_MESSAGE = 5000
-#: During a long outage, a reminder at most this often.
+#: During a long outage (or while the server refuses us), a reminder at most this often.
 OUTAGE_REMINDER_INTERVAL = 600.0
 LAST_WORDS_TIMEOUT = 2.0
 #: How often the disk buffer is synced while idle (its own fsync policy decides during appends).
 SYNC_INTERVAL = 1.0
+#: What ends a connection from below: the OS, the TLS layer, trio's stream wrappers.
+CONNECTION_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, OSError, ssl.SSLError)
 
 
 @dataclass(frozen=True)
@@ -128,36 +117,6 @@ class _Encoded:
     envelopes: list[Envelope]
 
 
-class SessionEnded(Exception):
-    """A session ended. `accepted`: the server had accepted it (the backoff starts again);
-    `level`: how loudly to log it."""
-
-    def __init__(self, reason: str, *, accepted: bool = True, level: int = logging.WARNING) -> None:
-        super().__init__(reason)
-        self.accepted = accepted
-        self.level = level
-
-
-class Rejected(SessionEnded):
-    """The server answered `reject`."""
-
-    def __init__(self, reject: Reject) -> None:
-        self.reject = reject
-        if reject.code == RejectCode.VERSION:
-            text = (
-                f"rejected our protocol version: the server speaks protocol {reject.protocol_version}"
-                f" (agent {reject.server_version}), we speak protocol {PROTOCOL_VERSION} (agent {AGENT_VERSION})"
-                f": {reject.reason}"
-            )
-        else:
-            text = f"rejected us ({reject.code}): {reject.reason}"
-        super().__init__(text, accepted=False, level=logging.ERROR)
-
-
-class _SaidGoodbye(Exception):
-    """We said goodbye at shutdown, with nothing left to send."""
-
-
 class RelayClient(Output):
     """The relay-client output (see the module docstring)."""
 
@@ -192,7 +151,11 @@ class RelayClient(Output):
         self._recent_bytes = 0
         self._unacked: deque[tuple[int, list[Envelope]]] = deque()  # memory buffer: envelopes by last seq
         self._acked_seq = 0  # the highest seq the server acknowledged (and the log may commit)
-        self._changed = trio.Event()
+        # The highest seq the sender may read: the log numbers a record (in the appender's thread)
+        # before the appender has put it in the recent cache; the sender waits for the appender.
+        self._readable_seq = 0
+        #: Records appended, acks, commits, connection state, stopping: waiters re-check their condition.
+        self._changes = ChangeNotifier()
         self._stopping = False
 
     @property
@@ -200,15 +163,6 @@ class RelayClient(Output):
         return self.settings.relay_server
 
     # -- plumbing --
-
-    def _notify(self) -> None:
-        self._changed.set()
-        self._changed = trio.Event()
-
-    async def _wait_change(self, timeout: float = float("inf")) -> None:
-        event = self._changed
-        with trio.move_on_after(max(0.0, timeout)):
-            await event.wait()
 
     async def _io(self, fn: Callable[..., T], *args: Any) -> T:
         """Calls the store: in a worker thread for the disk buffer (file I/O, fsync), inline for memory."""
@@ -231,6 +185,7 @@ class RelayClient(Output):
             )
         store = self.store
         self._acked_seq = store.log.committed_seq
+        self._readable_seq = store.log.last_seq
         self._recent.clear()
         self._recent_bytes = 0
         if store.log.pending_records:
@@ -365,7 +320,8 @@ class RelayClient(Output):
                         self.counters.points_buffered,
                         last_seq - self._acked_seq,
                     )
-                self._notify()
+                self._readable_seq = max(self._readable_seq, last_seq)
+                self._changes.notify()
 
     def _remember_recent(self, first_seq: int, frames: list[bytearray]) -> None:
         recent = self._recent
@@ -394,10 +350,11 @@ class RelayClient(Output):
         store = self.store
         assert store is not None
         start = max(after, store.log.committed_seq) + 1
-        if start > store.log.last_seq:
+        if start > self._readable_seq:
             return []
+        max_records = min(max_records, self._readable_seq - start + 1)
         recent = self._recent
-        if recent and recent[0][0] <= start:
+        if recent and recent[0][0] <= start <= recent[-1][0]:
             index = start - recent[0][0]
             return list(itertools.islice(recent, index, index + max_records))
         return await self._io(store.log.read, start - 1, max_records)
@@ -408,11 +365,14 @@ class RelayClient(Output):
         store = self.store
         assert store is not None
         self._stopping = True
-        self._notify()
-        while self._acked_seq < store.log.last_seq and store.log.committed_seq < store.log.last_seq:
-            if store.durable and not self.connected:
-                break
-            await self._wait_change()
+        self._changes.notify()
+        await self._changes.wait_for(
+            lambda: (
+                self._acked_seq >= store.log.last_seq
+                or store.log.committed_seq >= store.log.last_seq
+                or (store.durable and not self.connected)
+            )
+        )
         if self.connected:
             with trio.move_on_after(LAST_WORDS_TIMEOUT):
                 await connection_done.wait()
@@ -427,12 +387,15 @@ class RelayClient(Output):
             if target > store.log.committed_seq:
                 await trio.to_thread.run_sync(store.log.commit, target)
                 self._forget_recent_through(target)
-                self._notify()
+                self._changes.notify()
                 continue
             if trio.current_time() - last_sync >= SYNC_INTERVAL:
                 await trio.to_thread.run_sync(store.log.sync)
                 last_sync = trio.current_time()
-            await self._wait_change(SYNC_INTERVAL)
+            with trio.move_on_after(SYNC_INTERVAL):
+                await self._changes.wait_for(
+                    lambda: min(self._acked_seq, store.log.last_seq) > store.log.committed_seq
+                )
 
     # -- connections --
 
@@ -452,22 +415,21 @@ class RelayClient(Output):
             raise
         return stream
 
-    def _retry_delay(self, failures: int) -> float:
-        if failures <= self.settings.max_times:
-            return self._backoff.next_delay()
-        return self._max_delay()
-
-    def _max_delay(self) -> float:
+    def _slow_delay(self) -> float:
         # Jittered like every other delay, so that a fleet does not reconnect in lockstep.
         return self._rng.uniform(self.settings.max_delay / 2, self.settings.max_delay)
 
     async def _connection_loop(self) -> None:
         settings = self.settings
-        self._backoff = Backoff(settings.initial_delay, settings.max_delay, jitter=True, rng=self._rng)
-        failures = 0
-        outage_started: float | None = None
-        last_reminder = 0.0
-        last_reject: str | None = None
+        reconnector = Reconnector(
+            "relay-client",
+            log,
+            Backoff(settings.initial_delay, settings.max_delay, jitter=True, rng=self._rng),
+            warn_attempts=settings.max_times,
+            reminder_interval=OUTAGE_REMINDER_INTERVAL,
+            summary=self._buffer_summary,
+            peer=self.server,
+        )
         while True:
             ended: SessionEnded
             try:
@@ -478,17 +440,17 @@ class RelayClient(Output):
                     f"no connection within the handshake timeout of {settings.handshake_timeout:g}s",
                     accepted=False,
                 )
-            except (OSError, trio.BrokenResourceError, ssl.SSLError) as exc:
+            except CONNECTION_ERRORS as exc:
                 ended = SessionEnded(_connect_failure(exc), accepted=False)
             else:
                 try:
-                    await self._session(stream)
+                    await self._session(stream, reconnector)
                     return  # we said goodbye at shutdown
                 except SessionEnded as exc:
                     ended = exc
                 finally:
                     self.connected = False
-                    self._notify()
+                    self._changes.notify()
                     with trio.CancelScope(shield=True), trio.move_on_after(LAST_WORDS_TIMEOUT):
                         await trio.aclose_forcefully(stream)
             if self._stopping and (
@@ -502,57 +464,11 @@ class RelayClient(Output):
                     ended,
                 )
                 return
-            if ended.accepted:
-                failures = 0
-                self._backoff.reset()
-                outage_started = None
-                last_reject = None
-                log.log(
-                    ended.level, "relay-client: connection to %s ended: %s; reconnecting", self.server, ended
-                )
-                delay = self._backoff.next_delay()
-            else:
-                failures += 1
+            if not ended.accepted:
                 self.counters.failed_attempts += 1
-                now = time.monotonic()
-                if outage_started is None:
-                    outage_started = now
-                if isinstance(ended, Rejected):
-                    delay = self._max_delay()
-                    text = str(ended)
-                    if text != last_reject or now - last_reminder >= OUTAGE_REMINDER_INTERVAL:
-                        last_reject = text
-                        last_reminder = now
-                        log.error(
-                            "relay-client: %s %s; retrying every %gs", self.server, text, settings.max_delay
-                        )
-                    else:
-                        log.debug("relay-client: %s %s", self.server, text)
-                else:
-                    delay = self._retry_delay(failures)
-                    if failures < settings.max_times:
-                        log.warning(
-                            "relay-client: cannot reach %s: %s; retrying in %.2gs (attempt %d of %d)",
-                            self.server,
-                            ended,
-                            delay,
-                            failures,
-                            settings.max_times,
-                        )
-                    elif failures == settings.max_times or now - last_reminder >= OUTAGE_REMINDER_INTERVAL:
-                        last_reminder = now
-                        log.error(
-                            "relay-client: outage: %s unreachable for %.1fs (%d attempts; last: %s); %s;"
-                            " retrying every %gs",
-                            self.server,
-                            now - outage_started,
-                            failures,
-                            ended,
-                            self._buffer_summary(),
-                            settings.max_delay,
-                        )
-                    else:
-                        log.debug("relay-client: still cannot reach %s: %s", self.server, ended)
+            delay = retry_delay(
+                reconnector, ended, max_times=settings.max_times, slow_delay=self._slow_delay()
+            )
             if self.on_retry_delay is not None:
                 self.on_retry_delay(delay)
             await trio.sleep(delay)
@@ -564,42 +480,36 @@ class RelayClient(Output):
         where = "on disk" if store.durable else "in memory (the oldest are dropped when it is full)"
         return f"{store.log.pending_records} batches ({store.log.pending_bytes} bytes) buffered {where}"
 
-    async def _session(self, stream: trio.abc.Stream) -> None:
+    async def _session(self, stream: trio.abc.Stream, reconnector: Reconnector) -> None:
         """One connection from hello to its end. Returns only after our goodbye at shutdown; raises
-        SessionEnded otherwise."""
+        SessionEnded otherwise. The decisions are `ClientSession`'s; this moves the bytes."""
         store = self.store
         assert store is not None
         settings = self.settings
-        decoder: FrameDecoder[Any] = FrameDecoder(ServerMessage, settings.max_frame_size)
-        hello_encoder = FrameEncoder()
-        name = settings.client_name
+        session = ClientSession(
+            Hello(
+                PROTOCOL_VERSION, settings.client_name, store.stream_id, AGENT_VERSION, settings.token or None
+            ),
+            max_frame_size=settings.max_frame_size,
+            max_in_flight=settings.max_in_flight,
+            agent_version=AGENT_VERSION,
+        )
         try:
-            await stream.send_all(
-                hello_encoder.encode(
-                    Hello(PROTOCOL_VERSION, name, store.stream_id, AGENT_VERSION, settings.token or None)
-                )
-            )
+            await stream.send_all(session.hello_frame())
             with trio.fail_after(settings.handshake_timeout):
-                first = await self._receive_one(stream, decoder)
+                accept = None
+                while accept is None:
+                    accept = session.answer(await stream.receive_some(RECEIVE_SIZE))
         except trio.TooSlowError:
             raise SessionEnded(
                 f"no answer to our hello within the handshake timeout of {settings.handshake_timeout:g}s",
                 accepted=False,
             ) from None
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError, ssl.SSLError) as exc:
+        except CONNECTION_ERRORS as exc:
             raise SessionEnded(
                 f"connection failed during the handshake: {_connect_failure(exc)}", accepted=False
             ) from None
-        except ProtocolError as exc:
-            raise SessionEnded(f"invalid answer to our hello: {exc}", accepted=False) from None
-        if isinstance(first, Reject):
-            raise Rejected(first)
-        if not isinstance(first, Accept):
-            raise SessionEnded(
-                f"the server answered our hello with {type(first).__struct_config__.tag!r}, not 'accept'",
-                accepted=False,
-            )
-        accept = first
+        reconnector.connected()
         plan = plan_resume(accept, store.log.last_seq)
         if plan.commit_through > store.log.committed_seq:
             self._acked_seq = max(self._acked_seq, plan.commit_through)
@@ -618,179 +528,115 @@ class RelayClient(Output):
         self.connected = True
         # Resume after what the server acknowledged: in this session's accept, or in an ack of the last
         # session whose commit may still be on its way to the log.
-        window = SendWindow(
-            min(settings.max_in_flight, accept.max_in_flight), max(self._acked_seq, store.log.committed_seq)
-        )
-        encoder = FrameEncoder(accept.max_frame_size)
-        heartbeat = accept.heartbeat_interval_ms / 1000
+        session.start(max(self._acked_seq, store.log.committed_seq), trio.current_time())
         log.info(
             "relay-client: connected to %s as %r (stream %s, server agent %s); %d batches to send",
             self.server,
-            name or "(certificate name)",
+            settings.client_name or "(certificate name)",
             store.stream_id,
             accept.server_version,
             store.log.pending_records,
         )
-        self._notify()
-        outcome: list[BaseException] = []
-        protocol_error: list[ProtocolError] = []
+        self._changes.notify()
+        errors: list[Exception] = []
         async with trio.open_nursery() as nursery:
 
-            async def half(fn: Callable[..., Awaitable[None]], *args: Any) -> None:
+            async def half(fn: Callable[[trio.abc.Stream, ClientSession], Awaitable[None]]) -> None:
                 # The first half to end ends the session; its reason is the session's.
                 try:
-                    await fn(*args)
-                except (SessionEnded, _SaidGoodbye) as exc:
-                    outcome.append(exc)
-                except TruncatedStreamError as exc:
-                    outcome.append(SessionEnded(str(exc)))
-                except ProtocolError as exc:
-                    outcome.append(SessionEnded(f"protocol error: {exc}"))
-                    protocol_error.append(exc)
-                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError, ssl.SSLError) as exc:
-                    outcome.append(SessionEnded(f"connection lost: {_connect_failure(exc)}"))
+                    await fn(stream, session)
+                except (SessionEnded, ProtocolError, *CONNECTION_ERRORS) as exc:
+                    errors.append(exc)
                 nursery.cancel_scope.cancel()
 
-            nursery.start_soon(half, self._sender, stream, encoder, window, heartbeat)
-            nursery.start_soon(half, self._receiver, stream, decoder, window, heartbeat)
-        if outcome and isinstance(outcome[0], _SaidGoodbye):
+            nursery.start_soon(half, self._sender)
+            nursery.start_soon(half, self._receiver)
+        if session.said_goodbye and not errors:
             return
-        if protocol_error and outcome[0] is not None:
+        if not errors:
+            raise SessionEnded("the session ended")
+        if isinstance(errors[0], CONNECTION_ERRORS):
+            raise SessionEnded(f"connection lost: {_connect_failure(errors[0])}")
+        ended, last_words = session.ending(errors[0])
+        if last_words is not None:
             # Only now that the sender has stopped may another frame go out.
             with trio.move_on_after(LAST_WORDS_TIMEOUT):
                 try:
-                    await stream.send_all(
-                        encoder.encode(Goodbye(GoodbyeCode.PROTOCOL_ERROR, str(protocol_error[0])))
-                    )
-                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError, ssl.SSLError):
+                    await stream.send_all(last_words)
+                except CONNECTION_ERRORS:
                     pass
-        raise outcome[0] if outcome else SessionEnded("the session ended")
+        raise ended
 
-    async def _receive_one(self, stream: trio.abc.Stream, decoder: FrameDecoder[Any]) -> Message:
-        while True:
-            for message in decoder.feed(b""):
-                return message
-            data = await stream.receive_some(RECEIVE_SIZE)
-            if not data:
-                decoder.eof()
-                raise SessionEnded(
-                    "the server closed the connection without answering our hello", accepted=False
-                )
-            for message in decoder.feed(data):
-                return message
-
-    async def _sender(
-        self, stream: trio.abc.Stream, encoder: FrameEncoder, window: SendWindow, heartbeat: float
-    ) -> None:
+    async def _sender(self, stream: trio.abc.Stream, session: ClientSession) -> None:
         store = self.store
         assert store is not None
-        defs_sent = 0
-        max_body = encoder.max_frame_size
-        last_send = trio.current_time()
+
+        def finished() -> bool:
+            return self._stopping and self._acked_seq >= store.log.last_seq
+
+        def ready() -> bool:
+            return session.ready(self._readable_seq, store.log.committed_seq, finished=finished())
+
         while True:
-            records = await self._read_after(window.last_sent, window.room) if window.room else []
-            if not records:
-                if self._stopping and not len(window) and self._acked_seq >= store.log.last_seq:
-                    await stream.send_all(
-                        encoder.encode(Goodbye(GoodbyeCode.SHUTDOWN, "the client is stopping"))
-                    )
-                    raise _SaidGoodbye()
-                idle_for = trio.current_time() - last_send
-                if idle_for >= heartbeat:
-                    await stream.send_all(encoder.encode(Heartbeat()))
-                    last_send = trio.current_time()
-                    continue
-                await self._wait_change(heartbeat - idle_for)
-                continue
-            metrics = store.metrics
-            while defs_sent < len(metrics):
-                upto = min(len(metrics), defs_sent + DEFS_PER_MESSAGE)
-                await stream.send_all(encoder.encode(MetricDefs(_definitions(metrics, defs_sent, upto))))
-                defs_sent = upto
-            # Small frames go out together (one system call); large ones as they are stored (no copy).
-            pending: list[bytes | bytearray] = []
-            pending_bytes = 0
-            for seq, frame in records:
-                if seq <= window.last_sent:
-                    continue  # an ack covered it meanwhile (the server had it from an earlier session)
-                window.sent(seq)
-                if frame_body_size(frame) > max_body:
-                    # The server's limit is below ours: this batch can never be delivered to it.
+            after, room = session.next_records(store.log.committed_seq)
+            records = await self._read_after(after, room) if room else []
+            if records:
+                out = session.send_records(records, store.metrics)
+                for seq, size in out.too_large:
                     self.counters.points_dropped += 1
                     log.error(
                         "relay-client: batch %d (%d bytes) exceeds the maximum frame size of %s (%d bytes) and is"
                         " skipped; set max_frame_size to at most the server's",
                         seq,
-                        frame_body_size(frame),
+                        size,
                         self.server,
-                        max_body,
+                        session.encoder.max_frame_size,
                     )
-                    continue
-                self.counters.batches_sent += 1
-                pending.append(frame)
-                pending_bytes += len(frame)
-                if pending_bytes >= SEND_CHUNK_BYTES:
-                    await stream.send_all(pending[0] if len(pending) == 1 else b"".join(pending))
-                    pending.clear()
-                    pending_bytes = 0
-            if pending:
-                await stream.send_all(pending[0] if len(pending) == 1 else b"".join(pending))
-            last_send = trio.current_time()
+                self.counters.batches_sent += out.batches
+                for chunk in out.chunks:
+                    await stream.send_all(chunk)
+                session.sent(trio.current_time())
+                continue
+            action = session.idle(trio.current_time(), finished=finished())
+            if isinstance(action, float):
+                with trio.move_on_at(action):
+                    await self._changes.wait_for(ready)
+                continue
+            await stream.send_all(action)
+            session.sent(trio.current_time())
+            if session.said_goodbye:
+                return
 
-    async def _receiver(
-        self, stream: trio.abc.Stream, decoder: FrameDecoder[Any], window: SendWindow, heartbeat: float
-    ) -> None:
-        dead_after = 3 * heartbeat
-        for message in decoder.feed(b""):
-            self._on_server_message(message, window)
-        while True:
-            with trio.move_on_after(dead_after) as timer:
-                data = await stream.receive_some(RECEIVE_SIZE)
-            if timer.cancelled_caught:
-                raise SessionEnded(
-                    f"nothing received from the server for {dead_after:g}s (3 heartbeat intervals)"
-                )
-            if not data:
-                decoder.eof()
-                raise SessionEnded("the server closed the connection")
-            for message in decoder.feed(data):
-                self._on_server_message(message, window)
-
-    def _on_server_message(self, message: Message, window: SendWindow) -> None:
+    async def _receiver(self, stream: trio.abc.Stream, session: ClientSession) -> None:
         store = self.store
         assert store is not None
-        if isinstance(message, Ack):
-            try:
-                advanced = window.acked(message.seq, store.log.last_seq)
-            except ValueError as exc:
-                raise ProtocolError(str(exc)) from None
-            if advanced:
-                self.counters.acked_seq = message.seq
-                self._acked_seq = max(self._acked_seq, message.seq)
+        self._on_server_actions(session.buffered(store.log.last_seq))
+        while True:
+            with trio.move_on_after(session.silence_limit) as timer:
+                data = await stream.receive_some(RECEIVE_SIZE)
+            if timer.cancelled_caught:
+                raise session.silent()
+            self._on_server_actions(session.receive(data, store.log.last_seq))
+
+    def _on_server_actions(self, actions: list[Ack | Refused]) -> None:
+        store = self.store
+        assert store is not None
+        for action in actions:
+            if isinstance(action, Ack):
+                self.counters.acked_seq = action.seq
+                self._acked_seq = max(self._acked_seq, action.seq)
                 if not store.durable:
-                    self._settle_acked(message.seq)
-                    store.log.commit(min(message.seq, store.log.last_seq))
-                self._notify()
-        elif isinstance(message, Refused):
-            self.counters.batches_refused += 1
-            log.error(
-                "relay-client: %s refused batch %d: %s (dropped: resending cannot help)",
-                self.server,
-                message.seq,
-                message.reason,
-            )
-        elif isinstance(message, Heartbeat):
-            pass
-        elif isinstance(message, Goodbye):
-            if message.code == GoodbyeCode.SHUTDOWN:
-                raise SessionEnded(
-                    f"the server said goodbye (shutdown): {message.reason}", level=logging.INFO
+                    self._settle_acked(action.seq)
+                    store.log.commit(min(action.seq, store.log.last_seq))
+                self._changes.notify()
+            else:
+                self.counters.batches_refused += 1
+                log.error(
+                    "relay-client: %s refused batch %d: %s (dropped: resending cannot help)",
+                    self.server,
+                    action.seq,
+                    action.reason,
                 )
-            raise SessionEnded(f"the server said goodbye ({message.code}): {message.reason}")
-        else:
-            raise ProtocolError(
-                f"unexpected {type(message).__struct_config__.tag!r} message in a streaming session"
-            )
 
     def _settle_acked(self, seq: int) -> None:
         """Memory buffer: the envelopes of acknowledged batches are done."""
@@ -799,10 +645,6 @@ class RelayClient(Output):
             _, envelopes = unacked.popleft()
             for env in envelopes:
                 env.done(True)
-
-
-def _definitions(metrics: list[MetricDef], start: int, stop: int) -> dict[int, MetricDef]:
-    return {i: metrics[i] for i in range(start, stop)}
 
 
 def _connect_failure(exc: BaseException) -> str:

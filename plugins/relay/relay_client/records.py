@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 
 from agent.model import Batch, Series
 from agent_plugins.relay.protocol import (
-    HEADER_SIZE,
     BatchMessage,
     FrameEncoder,
     FrameTooLargeError,
@@ -46,11 +45,6 @@ def encode_records(
     out = EncodedRecords()
     _encode_into(encoder, wire, first_seq, out)
     return out
-
-
-def frame_body_size(frame: bytes | bytearray) -> int:
-    """The body length of a stored frame (what the peer's maximum frame size limits)."""
-    return len(frame) - HEADER_SIZE
 
 
 def _encode_into(encoder: FrameEncoder, wire: list[WireSeries], first_seq: int, out: EncodedRecords) -> None:
@@ -90,4 +84,4 @@ def _encode_into(encoder: FrameEncoder, wire: list[WireSeries], first_seq: int, 
         _encode_into(encoder, [piece], first_seq, out)
 
 
-__all__ = ["EncodedRecords", "encode_records", "frame_body_size"]
+__all__ = ["EncodedRecords", "encode_records"]
