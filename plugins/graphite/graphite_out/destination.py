@@ -206,6 +206,10 @@ class Destination:
         # (seq, points) of spool records appended by this process and not yet read, to count spool_full
         # drops in points.
         self._spool_index: deque[tuple[int, int]] = deque()
+        # The last spool record the writer read and committed itself. The writer may read records while
+        # the worker thread that appended them has not yet returned: those must not enter the index,
+        # where they would look like records the size cap dropped.
+        self._read_through = 0
         self.spooling = False
         #: Whether the spool is replayed at replay_rate: it holds points that waited out an outage (or an
         #: earlier run). A spill of a destination that stayed up is replayed at full speed.
@@ -383,7 +387,9 @@ class Destination:
                 return
             settle()
             first = last - len(chunks) + 1
-            self._spool_index.extend((first + i, len(chunk)) for i, chunk in enumerate(chunks))
+            self._spool_index.extend(
+                (first + i, len(chunk)) for i, chunk in enumerate(chunks) if first + i > self._read_through
+            )
             self._count_capped_records()
         finally:
             self._appending = False
@@ -641,6 +647,7 @@ class Destination:
             self.owner.redistribute(self, chunks)
 
     def _drop_index_through(self, seq: int) -> None:
+        self._read_through = max(self._read_through, seq)
         index = self._spool_index
         while index and index[0][0] <= seq:
             index.popleft()

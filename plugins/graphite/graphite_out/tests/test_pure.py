@@ -268,3 +268,31 @@ def test_a_bad_aggregation_rules_file_names_the_file_and_line(tmp_path):
         GraphiteOutput(
             make_config({"aggregation_rules": "missing.conf"}), spool_dir=tmp_path, config_dir=tmp_path
         )
+
+
+async def test_records_the_writer_read_before_their_append_returned_are_not_counted_as_spool_full(tmp_path):
+    """The race seen in CI: the writer read and committed spooled records while the worker thread that
+    appended them had not yet returned; they then entered the index behind the committed position and
+    1100 replayed points were reported as dropped (spool_full)."""
+    destination: Destination
+
+    async def append_then_writer_reads(fn):
+        result = fn()
+        spool = destination.spool
+        if spool is not None and spool.last_seq:
+            # What the writer does meanwhile: reads everything and commits it.
+            spool.commit(spool.last_seq)
+            destination._drop_index_through(spool.last_seq)
+        return result
+
+    destination = Destination(
+        "r",
+        DestinationConfig(address="10.0.0.1:2003"),
+        "plaintext",
+        tmp_path,
+        owner=None,
+        run_blocking=append_then_writer_reads,
+    )
+    destination._to_spool([Chunk(["a.b"] * 3, [1, 2, 3], [1.0, 2.0, 3.0])])
+    await destination._append_to_spool()
+    assert destination.drops.by_reason.get("spool_full", 0) == 0
