@@ -147,7 +147,7 @@ class Controller:
         p = self.pipeline
         name = element.full_name
         if element.kind == "source":
-            if p.stopping:
+            if p.stopping or p.sources[name].removing or p.sources[name].removed:
                 return "stopped"
             return "paused" if p.sources[name].paused else "running"
         if element.kind == "output":

@@ -116,8 +116,14 @@ class OutputInbox:
         if self.overflow == "block":
             # Wait for room, but always accept into an empty queue (a batch larger than the queue
             # must not block forever).
-            while self.queued_points and self.queued_points + envelope.points > self.max_points:
+            while (
+                not self._closed and self.queued_points and self.queued_points + envelope.points > self.max_points
+            ):
                 await self._wait_change()
+        if self._closed:
+            # The output was removed (a reload) while this batch waited for room: nobody will take it.
+            self._drop(envelope, "the output was removed")
+            return
         else:
             while self._queue and self.queued_points + envelope.points > self.max_points:
                 oldest = self._queue.popleft()

@@ -18,7 +18,7 @@ grace period, after which what is left is reported as dropped.
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -68,6 +68,11 @@ class SourceState:
     #: Sources added while running: removed by their plugin (`remove_source`), and their scope.
     removed: bool = False
     cancel_scope: trio.CancelScope | None = None
+    # -- removal at run time (a config reload): the source stops on its own, by `stop_deadline` --
+    removing: bool = False
+    stop_deadline: float = float("inf")
+    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+    done: trio.Event = field(default_factory=trio.Event)
 
 
 @dataclass
@@ -102,9 +107,18 @@ class Pipeline:
         self.transform_states = {
             e.full_name: TransformState(e) for e in self.elements if e.kind == "transform"
         }
-        #: The transforms that run (all but the disabled ones) and the outputs that take points.
+        #: The transforms that run (all but the disabled ones) and the outputs that take points: the
+        #: dispatcher reads both at the start of each batch, and they change together (`_set_routes`).
         self._active_transforms = list(self.transforms)
+        self._active_inboxes: list[OutputInbox] = []
         self.disabled_outputs: set[str] = set()
+        #: Each running output's and service's cancel scope and end, by name (to remove one at run time).
+        self._tasks: dict[str, tuple[trio.CancelScope, trio.Event]] = {}
+        #: The nurseries that run outputs, services and sources, once `run` has opened them.
+        self._nurseries: dict[str, trio.Nursery] = {}
+        #: True while the dispatcher routes a batch; `_routed` wakes whoever waits for its end.
+        self._routing = False
+        self._routed = ChangeNotifier()
         #: Taps (`agent tap`): each gets every batch after the transforms, without ever waiting.
         self.taps: list[Tap] = []
         self.outputs: list[tuple[Element, OutputInbox]] = []
@@ -117,6 +131,7 @@ class Pipeline:
             elif e.kind == "source":
                 self.sources[e.full_name] = SourceState(e, paused=e.start_paused)
         self.services: list[Element] = [e for e in self.elements if e.kind == "service"]
+        self._active_inboxes = [inbox for _, inbox in self.outputs]
         self._send_channel, self._receive_channel = trio.open_memory_channel[
             tuple[Batch, AckCallback | None]
         ](self.source_channel_size)
@@ -242,7 +257,13 @@ class Pipeline:
     def set_transform_enabled(self, name: str, enabled: bool) -> None:
         """A disabled transform is skipped: batches go on unchanged."""
         self.transform_states[name].enabled = enabled
+        self._set_routes()
+
+    def _set_routes(self) -> None:
+        """The dispatcher's transforms and outputs, both replaced in one step (no await in between):
+        a batch is routed with the old pair or the new one, never a mix."""
         self._active_transforms = [(n, t) for n, t in self.transforms if self.transform_states[n].enabled]
+        self._active_inboxes = [inbox for _, inbox in self.outputs]
 
     def set_output_enabled(self, name: str, enabled: bool) -> None:
         """A disabled output's points are dropped and counted as dropped; `enable` writes what comes
@@ -251,6 +272,117 @@ class Pipeline:
             self.disabled_outputs.discard(name)
         else:
             self.disabled_outputs.add(name)
+
+    # -- changing the elements while running (a config reload) --
+
+    async def remove_elements(self, names: Collection[str], grace_period: float = 10.0) -> None:
+        """Takes the named elements out of the running pipeline; the others keep running.
+
+        Their sources stop (a polled one hands over what it holds); their transforms and outputs leave
+        the dispatcher's routes between two batches (a transform hands on what it holds back); each
+        output then writes what its queue holds and ends; their services are cancelled. What an output
+        has not written after `grace_period` is dropped and logged."""
+        deadline = trio.current_time() + grace_period
+        removed = [e for e in self.elements if e.full_name in names]
+        states = [self.sources[e.full_name] for e in removed if e.kind == "source"]
+        for state in states:
+            state.removing = True
+            state.stop_deadline = deadline
+            if not isinstance(state.element.obj, PolledSource):
+                state.scope.cancel()
+            state.changed.notify()
+        for state in states:
+            with trio.move_on_at(deadline):
+                await state.done.wait()
+            state.scope.cancel()
+            await state.done.wait()
+            del self.sources[state.element.full_name]
+
+        old_transforms = list(self._active_transforms)
+        gone = [inbox for e, inbox in self.outputs if e.full_name in names]
+        self.transforms = [(n, t) for n, t in self.transforms if n not in names]
+        self.outputs = [(e, inbox) for e, inbox in self.outputs if e.full_name not in names]
+        self._set_routes()
+        # The batch being routed may still be on its way into a removed output's queue: let it arrive.
+        with trio.move_on_at(deadline):
+            await self._routed.wait_for(lambda: not self._routing)
+        await self._finish_transforms(old_transforms, self._active_inboxes, only=set(names))
+        for name in names:
+            self.transform_states.pop(name, None)
+
+        for inbox in gone:
+            inbox.close()
+        for inbox in gone:
+            scope, done = self._tasks.pop(inbox.name)
+            with trio.move_on_at(deadline):
+                await done.wait()
+            if not done.is_set():
+                scope.cancel()
+                await done.wait()
+                inbox.drop_everything("the grace period ran out while the output was removed")
+            del self.inboxes[inbox.name]
+            self.disabled_outputs.discard(inbox.name)
+        for element in removed:
+            if element.kind == "service":
+                scope, done = self._tasks.pop(element.full_name)
+                scope.cancel()
+                await done.wait()
+        self.services = [e for e in self.services if e.full_name not in names]
+        self.elements = [e for e in self.elements if e.full_name not in names]
+
+    async def add_elements(self, elements: Sequence[Element], plugin_order: Sequence[str] = ()) -> None:
+        """Starts new elements in the running pipeline: outputs and services first (each up before any
+        point is routed to it), then the transforms and outputs join the routes in one step, then the
+        sources start. Transforms run in `plugin_order` (plugins not named there keep their place after
+        them). An element that cannot start raises StartupError, after the others were removed again."""
+        if self.stopping or "outputs" not in self._nurseries:
+            raise StartupError("the pipeline is not running (stopping, or not started yet)")
+        new_outputs: list[tuple[Element, OutputInbox]] = []
+        started: list[str] = []
+        try:
+            for e in elements:
+                if e.kind == "output":
+                    cfg: OutputConfig = e.config or OutputConfig()
+                    inbox = OutputInbox(e.full_name, cfg.queue_max_points, cfg.overflow)
+                    self.inboxes[e.full_name] = inbox
+                    started.append(e.full_name)
+                    await self._start_output(e, inbox)
+                    new_outputs.append((e, inbox))
+                elif e.kind == "service":
+                    started.append(e.full_name)
+                    await self._start_service(e)
+                    self.services.append(e)
+        except BaseException:
+            for e, inbox in new_outputs:
+                inbox.close()
+            for name in started:
+                if name in self._tasks:
+                    scope, done = self._tasks.pop(name)
+                    scope.cancel()
+                    await done.wait()
+                self.inboxes.pop(name, None)
+            self.services = [e for e in self.services if e.full_name not in started]
+            raise
+        order = {name: index for index, name in enumerate(plugin_order)}
+        self.elements = sorted([*self.elements, *elements], key=lambda e: order.get(e.plugin, len(order)))
+        self.transforms = [(e.full_name, e.obj) for e in self.elements if e.kind == "transform"]
+        for e in elements:
+            if e.kind == "transform":
+                self.transform_states[e.full_name] = TransformState(e)
+        self.outputs += new_outputs
+        self._set_routes()
+        states = [SourceState(e) for e in elements if e.kind == "source"]
+        for state in states:
+            self.sources[state.element.full_name] = state
+        for index, state in enumerate(states):
+            try:
+                await self._start_source(state)
+            except BaseException:
+                for never_started in states[index + 1 :]:
+                    never_started.done.set()
+                with trio.CancelScope(shield=True):
+                    await self.remove_elements([x.full_name for x in elements], 0.0)
+                raise
 
     def sink(self) -> SourceSink:
         """A sink into the pipeline, for autonomous sources and tests."""
@@ -294,12 +426,9 @@ class Pipeline:
 
             async with trio.open_nursery() as polled:
                 async with trio.open_nursery() as autonomous:
-                    for name, state in self.sources.items():
-                        src = state.element.obj
-                        if isinstance(src, PolledSource):
-                            polled.start_soon(self._run_polled, name, state, once)
-                        elif not once:
-                            await autonomous.start(self._run_autonomous, name, state, src)
+                    self._nurseries.update(polled=polled, autonomous=autonomous)
+                    for state in list(self.sources.values()):
+                        await self._start_source(state, once)
                     if self.self_metrics_interval > 0 and not once:
                         autonomous.start_soon(self._self_metrics_loop)
                     self._source_nurseries = (polled, autonomous)
@@ -372,38 +501,80 @@ class Pipeline:
 
         async def send(batch: Batch, on_done: AckCallback | None) -> None:
             # Paused: the source's sends wait (back-pressure to its peers) until it is resumed.
-            while state.paused and not self._stop_sources.is_set():
+            while state.paused and not self._source_stopping(state):
                 await state.changed.wait()
             state.points += len(batch)
             await self._send(batch, on_done)
 
-        await self._run_element(
-            f"source {name}",
-            partial(source.run, SourceSink(send)),
-            name=name,
-            on_failure=count,
-            task_status=task_status,
-        )
+        try:
+            with state.scope:
+                await self._run_element(
+                    f"source {name}",
+                    partial(source.run, SourceSink(send)),
+                    name=name,
+                    on_failure=count,
+                    task_status=task_status,
+                )
+        finally:
+            state.done.set()
 
     async def _run_services(self, task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
+            self._nurseries["services"] = nursery
             for element in self.services:
-                service: Service = element.obj
-                await nursery.start(
-                    partial(
-                        self._run_element, f"service {element.full_name}", service.run, name=element.full_name
-                    )
-                )
+                await self._start_service(element)
             task_status.started()
             await trio.sleep_forever()
 
-    async def _run_polled(self, name: str, state: SourceState, once: bool) -> None:
-        await supervise(
-            f"source {name}",
-            partial(self._polled_loop, state, once),
-            logger=log,
-            backoff=Backoff(*self.restart_backoff),
+    async def _start_service(self, element: Element) -> None:
+        service: Service = element.obj
+        run = partial(self._run_element, f"service {element.full_name}", service.run, name=element.full_name)
+        await self._nurseries["services"].start(self._cancellable, element.full_name, run)
+
+    async def _start_output(self, element: Element, inbox: OutputInbox) -> None:
+        await self._nurseries["outputs"].start(
+            self._cancellable, inbox.name, partial(self._run_output, element, inbox)
         )
+
+    async def _cancellable(
+        self,
+        name: str,
+        run: Callable[..., Awaitable[Any]],
+        task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Runs an output or a service under a cancel scope of its own, so that a reload can end it."""
+        scope, done = trio.CancelScope(), trio.Event()
+        self._tasks[name] = (scope, done)
+        try:
+            with scope:
+                await run(task_status=task_status)
+        finally:
+            done.set()
+
+    async def _start_source(self, state: SourceState, once: bool = False) -> None:
+        name, src = state.element.full_name, state.element.obj
+        if isinstance(src, PolledSource):
+            self._nurseries["polled"].start_soon(self._run_polled, name, state, once)
+        elif not once:
+            await self._nurseries["autonomous"].start(self._run_autonomous, name, state, src)
+        else:
+            state.done.set()
+
+    async def _run_polled(self, name: str, state: SourceState, once: bool) -> None:
+        try:
+            with state.scope:
+                await supervise(
+                    f"source {name}",
+                    partial(self._polled_loop, state, once),
+                    logger=log,
+                    backoff=Backoff(*self.restart_backoff),
+                )
+        finally:
+            state.done.set()
+
+    def _source_stopping(self, state: SourceState) -> bool:
+        """Removed by a reload (`removing`) or by its plugin (`removed`), or the pipeline stops."""
+        return state.removing or state.removed or self._stop_sources.is_set()
 
     async def _polled_loop(self, state: SourceState, once: bool) -> None:
         source: PolledSource = state.element.obj
@@ -444,13 +615,11 @@ class Pipeline:
                         for series in batch.series:
                             builder.add_series(series)
                         raise
-                if not (self._stop_sources.is_set() or state.poll_now or state.flush_now or state.removed):
+                if not (self._source_stopping(state) or state.poll_now or state.flush_now):
                     with trio.move_on_at(state.next_poll):
                         await state.changed.wait()
-                if state.removed:
-                    break  # its plugin removed it (its consumer ended): hand over what it holds
-                if self._stop_sources.is_set():
-                    if self._final_poll:
+                if self._source_stopping(state):
+                    if self._final_poll and not (state.removing or state.removed):
                         await self._poll_once(state, builder)
                     break
         finally:
@@ -458,13 +627,15 @@ class Pipeline:
                 # Points already measured are handed over at shutdown, unless the outputs are so
                 # stuck that the grace period runs out first.
                 points = len(builder)
-                with trio.CancelScope(shield=True, deadline=self._shutdown_deadline) as handover:
+                deadline = min(self._shutdown_deadline, state.stop_deadline)
+                with trio.CancelScope(shield=True, deadline=deadline) as handover:
                     await self._send(builder.take(), None)
                 if handover.cancelled_caught:
                     log.error(
-                        "source %s: %d points not written: the grace period ran out at shutdown",
+                        "source %s: %d points not written: the grace period ran out %s",
                         state.element.full_name,
                         points,
+                        "while it was removed" if state.removing else "at shutdown",
                     )
             with trio.CancelScope(shield=True), trio.move_on_after(5):
                 await source.close()
@@ -501,8 +672,9 @@ class Pipeline:
     ) -> None:
         with scope:
             async with trio.open_nursery() as nursery:
+                self._nurseries["outputs"] = nursery
                 for element, inbox in self.outputs:
-                    await nursery.start(self._run_output, element, inbox)
+                    await self._start_output(element, inbox)
                 task_status.started()
                 await self._dispatch()
                 for _, inbox in self.outputs:
@@ -535,16 +707,31 @@ class Pipeline:
         )
 
     async def _dispatch(self) -> None:
-        inboxes = [inbox for _, inbox in self.outputs]
         async with self._receive_channel:
             async for batch, callback in self._receive_channel:
                 if not all(_well_formed(s) for s in batch.series):
                     batch = self._without_malformed(batch)
-                await self._route(batch, callback, self._active_transforms, inboxes)
+                self._routing = True
+                try:
+                    await self._route(batch, callback, self._active_transforms, self._active_inboxes)
+                finally:
+                    self._routing = False
+                    self._routed.notify()
         # Every source has stopped: transforms that hold points back (aggregation windows) hand them
         # over, through the transforms after them, before the outputs drain.
-        transforms = list(self._active_transforms)
+        await self._finish_transforms(list(self._active_transforms), self._active_inboxes)
+
+    async def _finish_transforms(
+        self,
+        transforms: list[tuple[str, Transform]],
+        inboxes: list[OutputInbox],
+        only: Collection[str] | None = None,
+    ) -> None:
+        """Transforms that hold points back (`finish`) hand them on through the transforms after them
+        (all of `transforms`, or those named in `only`)."""
         for index, (name, transform) in enumerate(transforms):
+            if only is not None and name not in only:
+                continue
             finish = getattr(transform, "finish", None)
             if finish is None:
                 continue
@@ -554,7 +741,8 @@ class Pipeline:
                 log.error("transform %s failed to hand over what it held: %s", name, describe_exception(exc))
                 continue
             if held is not None and len(held):
-                await self._route(held, None, transforms[index + 1 :], inboxes)
+                rest = [t for t in transforms[index + 1 :] if only is None or t[0] not in only]
+                await self._route(held, None, rest, inboxes)
 
     async def _route(
         self,
