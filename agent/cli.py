@@ -9,7 +9,7 @@ hook: any plugin can add a flag that enables it and sets one of its keys.)
     agent config regen
     agent exec [--config PATH] [--plugins a,b] -- CMD ARGS...
     agent watch [--config PATH] [--plugins a,b] PID
-    agent control list|status|pause|resume|set-period|poll|enable|disable|flush|stop|run ...
+    agent control list|status|pause|resume|set-period|poll|enable|disable|flush|reload|stop|run ...
     agent tap [--metric GLOB] [--limit N] [--format text|json]
     agent top
 
@@ -212,7 +212,7 @@ def run_agent(
         check_enabled(plugins, cfg.plugins)
     except PluginLoadError as exc:
         raise fail(f"plugin error: {exc}", 1) from None
-    agent = Agent(cfg, plugins, pm, control=True)
+    agent = Agent(cfg, plugins, pm, control=True, overrides=options.overrides)
     observer = SummaryObserver(set())
     extra = [Element("agent", "summary", "transform", observer)] if command or watch_pid else []
     try:
@@ -549,7 +549,20 @@ def _client(ctx: typer.Context, config: Path | None) -> ControlClient:
     if config is not None:
         options.config_path = config
     _, plugins = discover()
-    cfg = load_config(options, plugins, create=False)
+    if not options.config_path.exists():
+        return ControlClient(control_socket_path(load_config(options, plugins, create=False).data_dir))
+    try:
+        cfg = config_mod.load(options.config_path, plugins, options.overrides)
+    except ConfigError:
+        # The socket depends on [agent] data_dir only: a mistake elsewhere in the file (being edited,
+        # about to be reloaded) must not keep the operator from the running agent.
+        try:
+            section = config_mod.convert_section(
+                config_mod.load_toml(options.config_path).get("agent", {}), config_mod.AgentSection, "agent"
+            )
+        except ConfigError as exc:
+            raise fail(f"config error: {exc}") from None
+        cfg = AgentConfig(section, options.config_path)
     return ControlClient(control_socket_path(cfg.data_dir))
 
 
@@ -642,6 +655,18 @@ def control_stop(ctx: typer.Context, config: ConfigOption = None) -> None:
     """Stop the agent as SIGTERM does: sources stop, outputs write what is buffered."""
     _request(_client(ctx, config), "stop")
     typer.echo("stopping")
+
+
+@control_app.command("reload")
+def control_reload(ctx: typer.Context, config: ConfigOption = None) -> None:
+    """Reload the config file, as SIGHUP does: plugins whose table changed restart, the others keep
+    running; a file with an error changes nothing (exit 2 with its one line)."""
+    answer = _request(_client(ctx, config), "reload")["reload"]
+    lines = [f"{what} {name}" for what in ("restarted", "started", "stopped") for name in answer[what]]
+    lines += [f"failed {name} (see the agent's log)" for name in answer["failed"]]
+    if answer["restart_needed"]:
+        lines.append(f"needs a restart: [agent] {', '.join(answer['restart_needed'])}")
+    typer.echo("\n".join(lines) or "config unchanged")
 
 
 @control_app.command("run")

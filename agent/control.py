@@ -28,7 +28,7 @@ import re
 import socket
 import stat
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +36,7 @@ import msgspec
 import trio
 
 from agent.decoding import MalformedData, decode_untrusted
-from agent.errors import StartupError, describe_exception
+from agent.errors import ReloadError, StartupError, describe_exception
 from agent.formatting import TimestampFormatter
 from agent.pipeline import Pipeline, Tap
 from agent.plugin import ControlSection, PolledSource
@@ -93,19 +93,29 @@ class Controller:
         *,
         stop: Callable[[], None],
         sections: list[ControlSection] | None = None,
+        reload: Callable[[], Awaitable[dict[str, Any]]] | None = None,
     ) -> None:
         self.pipeline = pipeline
         self._stop = stop
-        self.sections = {section.name: section for section in sections or []}
+        self._reload = reload
+        self.sections: dict[str, ControlSection] = {}
         self.started_at = time.time()
         # The polled sources' intervals as configured, to show what differs from the file.
-        self._configured: dict[str, tuple[float, float]] = {
-            name: (float(s.element.obj.poll_interval), float(s.element.obj.flush_interval))
-            for name, s in pipeline.sources.items()
-            if isinstance(s.element.obj, PolledSource)
-        }
+        self._configured: dict[str, tuple[Any, float, float]] = {}
+        self.elements_changed(sections or [])
         self._last_sample: tuple[float, dict[str, tuple[int, int]]] | None = None
         self.rates: dict[str, tuple[float, float]] = {}
+
+    def elements_changed(self, sections: list[ControlSection]) -> None:
+        """After a reload: the plugins' sections anew, and the configured intervals of new sources."""
+        self.sections = {section.name: section for section in sections}
+        self._configured = {
+            name: self._configured[name]
+            if name in self._configured and self._configured[name][0] is s.element.obj
+            else (s.element.obj, float(s.element.obj.poll_interval), float(s.element.obj.flush_interval))
+            for name, s in self.pipeline.sources.items()
+            if isinstance(s.element.obj, PolledSource)
+        }
 
     # -- elements --
 
@@ -182,8 +192,8 @@ class Controller:
                 configured = self._configured.get(name)
                 if configured is not None:
                     for key, now, then in (
-                        ("poll_interval", poll, configured[0]),
-                        ("flush_interval", flush, configured[1]),
+                        ("poll_interval", poll, configured[1]),
+                        ("flush_interval", flush, configured[2]),
                     ):
                         if now != then:
                             info["changed"][key] = {
@@ -268,6 +278,16 @@ class Controller:
         log.info("control: flush")
         await self.pipeline.flush()
 
+    async def reload(self) -> dict[str, Any]:
+        """Reloads the config file (as SIGHUP); an error in it is a ControlError with its one line."""
+        if self._reload is None:
+            raise ControlError("unsupported", "this agent cannot reload its config")
+        log.info("control: reload requested")
+        try:
+            return await self._reload()
+        except ReloadError as exc:
+            raise ControlError("config-error", f"reload: {exc}; the running configuration is kept") from None
+
     def stop(self) -> None:
         log.info("control: stop requested: stopping sources and writing what is buffered")
         self._stop()
@@ -314,6 +334,8 @@ class Controller:
             elif action == "stop":
                 self.stop()
                 result = {}
+            elif action == "reload":
+                result = {"reload": await self.reload()}
             elif action == "run":
                 args = request.get("args") or {}
                 result = {

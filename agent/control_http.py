@@ -5,7 +5,7 @@
     GET  /api/elements                    the elements: name, plugin, kind, state, counters...
     POST /api/elements/NAME/ACTION        pause, resume, set-period ({"poll_interval": "250ms"}), poll,
                                           enable, disable
-    POST /api/flush, POST /api/stop
+    POST /api/flush, POST /api/stop, POST /api/reload
     POST /api/sections/SECTION/COMMAND    a plugin's command (JSON body: its arguments)
 
 With `[agent] http_token`, every request needs `Authorization: Bearer TOKEN` (a browser may pass
@@ -93,6 +93,8 @@ class HttpControl:
             request: dict[str, Any] = {"action": "flush"}
         elif path == "/api/stop":
             request = {"action": "stop"}
+        elif path == "/api/reload":
+            request = {"action": "reload"}
         elif path.startswith("/api/elements/") and path.count("/") >= 4:
             # Element names may hold a "/" (PLUGIN/ELEMENT): the action is the last part.
             name, _, action = path[len("/api/elements/") :].rpartition("/")

@@ -21,4 +21,9 @@ def describe_exception(exc: BaseException) -> str:
     return text if len(text) < 300 else text[:297] + "..."
 
 
-__all__ = ["StartupError", "describe_exception"]
+class ReloadError(Exception):
+    """The config file could not be reloaded (an error in it, a refused plugin); the running
+    configuration is kept. The message is one line."""
+
+
+__all__ = ["ReloadError", "StartupError", "describe_exception"]

@@ -117,7 +117,9 @@ class OutputInbox:
             # Wait for room, but always accept into an empty queue (a batch larger than the queue
             # must not block forever).
             while (
-                not self._closed and self.queued_points and self.queued_points + envelope.points > self.max_points
+                not self._closed
+                and self.queued_points
+                and self.queued_points + envelope.points > self.max_points
             ):
                 await self._wait_change()
         if self._closed:

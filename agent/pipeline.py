@@ -143,7 +143,8 @@ class Pipeline:
         self.first_polls_done = trio.Event()
         # Sources that start paused are not waited for: they may never poll.
         self._first_polls_pending = sum(
-            isinstance(state.element.obj, PolledSource) and not state.paused for state in self.sources.values()
+            isinstance(state.element.obj, PolledSource) and not state.paused
+            for state in self.sources.values()
         )
         # Where sources added while running are started (set by `run`).
         self._source_nurseries: tuple[trio.Nursery, trio.Nursery] | None = None
@@ -196,7 +197,11 @@ class Pipeline:
         self.sources[name] = state
         if self._source_nurseries is None:
             self.elements.append(element)
-            if isinstance(element.obj, PolledSource) and not state.paused and not self.first_polls_done.is_set():
+            if (
+                isinstance(element.obj, PolledSource)
+                and not state.paused
+                and not self.first_polls_done.is_set()
+            ):
                 self._first_polls_pending += 1
             return
         if self._stop_sources.is_set():
@@ -284,7 +289,7 @@ class Pipeline:
         has not written after `grace_period` is dropped and logged."""
         deadline = trio.current_time() + grace_period
         removed = [e for e in self.elements if e.full_name in names]
-        states = [self.sources[e.full_name] for e in removed if e.kind == "source"]
+        states = [state for name, state in self.sources.items() if name in names]
         for state in states:
             state.removing = True
             state.stop_deadline = deadline

@@ -346,6 +346,8 @@ class StartContext:
     #: What `agent_config` returns (the agent's whole loaded config), for plugins written before the
     #: typed fields existed.
     legacy_agent_config: Any = field(default=None, repr=False)
+    #: The plugin's event subscriptions, ended when the plugin is stopped by a reload.
+    subscriptions: list[Callable[[], None]] = field(default_factory=list)
 
     @property
     def agent_config(self) -> Any:
@@ -405,7 +407,9 @@ class StartContext:
         self, listener: Listener, kinds: set[EventKind] | None = None, *, replay: bool = True
     ) -> Callable[[], None]:
         """Calls `listener` for consumer and resource events (see `agent.events.EventBus.subscribe`)."""
-        return self.events.subscribe(listener, kinds, replay=replay)
+        unsubscribe = self.events.subscribe(listener, kinds, replay=replay)
+        self.subscriptions.append(unsubscribe)
+        return unsubscribe
 
     def resolve_path(self, path: str | Path) -> Path:
         """`path` from the plugin's table: `~` expanded, relative to the config file's folder."""
