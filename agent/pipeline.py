@@ -358,7 +358,7 @@ class Pipeline:
                     await self._start_service(e)
                     self.services.append(e)
         except BaseException:
-            for e, inbox in new_outputs:
+            for _, inbox in new_outputs:
                 inbox.close()
             for name in started:
                 if name in self._tasks:
