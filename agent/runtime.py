@@ -2,7 +2,8 @@
 
 This is where the config, the plugins and the pipeline meet: `Agent.start_plugins` calls each plugin's
 `start` (a failure is reported with the plugin's name), then `Agent.run` runs the pipeline on trio,
-handling SIGINT and SIGTERM as "drain and exit 0" (a second signal exits at once). Once the pipeline
+handling SIGINT and SIGTERM as "drain and exit 0" (a second signal exits at once), and SIGHUP as "reload
+the config file" (`Agent.reload`: the plugins whose table changed restart, the others run on). Once the pipeline
 is started it logs one machine-readable readiness line, `agent: ready: {"graphite-in": {"plaintext":
 ["127.0.0.1:40123"]}, ...}`, with what each element reported when it came up.
 """
