@@ -35,6 +35,12 @@ class NatsConnectionSettings:
     tls_key: str = ""
     connect_timeout: float = 5.0
 
+    @classmethod
+    def from_config(cls, config: Any, name: str) -> NatsConnectionSettings:
+        """The connection keys of a nats-in or nats-out table (both spell them the same)."""
+        keys = ("credentials", "nkey_seed", "user", "password", "token", "tls_ca", "tls_cert", "tls_key")
+        return cls(url=config.url, name=name, **{key: getattr(config, key) for key in keys})
+
     @property
     def servers(self) -> list[str]:
         return [u.strip() for u in self.url.split(",") if u.strip()]

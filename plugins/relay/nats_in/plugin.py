@@ -72,18 +72,7 @@ class NatsInPlugin(Plugin):
     provides = ("source",)
 
     def start(self, ctx: StartContext, config: NatsInConfig) -> None:
-        connection = NatsConnectionSettings(
-            url=config.url,
-            name=f"agent nats-in {socket.gethostname()}",
-            credentials=config.credentials,
-            nkey_seed=config.nkey_seed,
-            user=config.user,
-            password=config.password,
-            token=config.token,
-            tls_ca=config.tls_ca,
-            tls_cert=config.tls_cert,
-            tls_key=config.tls_key,
-        )
+        connection = NatsConnectionSettings.from_config(config, f"agent nats-in {socket.gethostname()}")
         settings = ConsumerSettings(
             stream=config.stream,
             consumer=config.consumer,

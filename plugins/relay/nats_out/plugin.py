@@ -105,18 +105,7 @@ class NatsOutPlugin(Plugin):
 
     def start(self, ctx: StartContext, config: NatsOutConfig) -> None:
         agent_name = config.agent_name.strip() or socket.gethostname()
-        connection = NatsConnectionSettings(
-            url=config.url,
-            name=f"agent nats-out {agent_name}",
-            credentials=config.credentials,
-            nkey_seed=config.nkey_seed,
-            user=config.user,
-            password=config.password,
-            token=config.token,
-            tls_ca=config.tls_ca,
-            tls_cert=config.tls_cert,
-            tls_key=config.tls_key,
-        )
+        connection = NatsConnectionSettings.from_config(config, f"agent nats-out {agent_name}")
         settings = PublisherSettings(
             stream=config.stream,
             subject=config.subject,
